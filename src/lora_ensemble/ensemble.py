@@ -1,0 +1,288 @@
+"""`LoraEnsemble`: M members on one frozen backbone, run as one batch.
+
+    config -> adapters injected into the model (in place, nothing copied)
+           -> batch repeated member-major (M*B rows)  -> model -> member outputs (M, B, ...)
+
+Member m owns rows m*B .. (m+1)*B-1 of every tensor argument whose leading dimension is the batch
+size B; each adapted layer runs the shared frozen weight once over all M*B rows and adds member m's
+low-rank delta to member m's rows (see `layers.py`); per-member heads do the same (see `heads.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import Tensor, nn
+
+from .attention import LoraEnsembleMultiheadAttention, check_supported
+from .config import CONFIG_NAME, LoraEnsembleConfig, atomic_write_bytes
+from .heads import STACKED_HEAD_TYPES, member_head, stack_head
+from .layers import LoraEnsembleFusedLinear, LoraEnsembleLinear, init_lora_A
+from .targets import find_heads, find_targets
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+ADAPTER_TYPES = (LoraEnsembleLinear, LoraEnsembleFusedLinear, LoraEnsembleMultiheadAttention)
+
+
+class LoraEnsemble(nn.Module):
+    """An implicit deep ensemble of `config.num_members` LoRA members on one frozen `model`.
+
+    `model` is modified in place (its targeted projections are wrapped, its head replaced by stacked
+    per-member heads) and frozen; it is not copied. `ens(*args, **kwargs)` takes the model's own inputs
+    for a batch of B samples and returns the member outputs, shape (M, B, ...) (logits for classifiers,
+    (M, B, T, V) for causal LMs).
+    """
+
+    def __init__(self, model: nn.Module, config: LoraEnsembleConfig | None = None, **config_fields: Any):
+        super().__init__()
+        if config is None:
+            config = LoraEnsembleConfig(**config_fields)
+        elif config_fields:
+            config = config.replace(**config_fields)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"LoraEnsemble wraps an nn.Module, got {type(model).__name__}")
+        if any(isinstance(m, ADAPTER_TYPES + STACKED_HEAD_TYPES) for m in model.modules()):
+            raise ValueError("this model already carries LoRA-Ensemble adapters; wrap a fresh model")
+        self.config = config
+        self.base_fingerprint = fingerprint(model)
+        heads = find_heads(model, config)
+        targets = find_targets(model, config, heads)
+        model.requires_grad_(False)
+
+        generator = torch.Generator().manual_seed(config.seed)
+        M, r, s, p = config.num_members, config.r, config.scaling, config.lora_dropout
+        for t in targets:
+            if t.kind == "linear":
+                adapted: nn.Module = LoraEnsembleLinear(t.module, M, r, s, p)
+            elif t.kind == "fused":
+                adapted = LoraEnsembleFusedLinear(t.module, t.parts, M, r, s, p)
+            else:
+                check_supported(t.module, t.name)
+                adapted = LoraEnsembleMultiheadAttention(t.module, t.parts, t.adapt_out, M, r, s, p)
+            for layer in adapted.modules():
+                if isinstance(layer, (LoraEnsembleLinear, LoraEnsembleFusedLinear)):
+                    init_lora_A(layer.lora_A, config.init, config.init_gain, config.init_std, generator)
+            _set_submodule(model, t.name, adapted)
+        for name in heads:
+            _set_submodule(model, name, stack_head(model.get_submodule(name), M, config.head_init, generator, name))
+        self.model = model
+        self.target_names = [t.name for t in targets]
+        self.head_names = heads
+
+    # ---- forward ----------------------------------------------------------------------------------
+    @property
+    def num_members(self) -> int:
+        return self.config.num_members
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Run all members on one batch: inputs as for `model`, output (M, B, ...)."""
+        M = self.num_members
+        batch_size, args, kwargs = expand_batch(args, kwargs, M)
+        output = _output_tensor(self.model(*args, **kwargs))
+        if output.shape[0] != M * batch_size:
+            raise ValueError(
+                f"the model returned {output.shape[0]} rows for {M} members x batch {batch_size}; LoraEnsemble "
+                "needs a model whose output's leading dimension is the batch"
+            )
+        return output.view(M, batch_size, *output.shape[1:])
+
+    # ---- members ------------------------------------------------------------------------------------
+    def member_parameters(self) -> dict[str, nn.Parameter]:
+        """The per-member (trainable) parameters, by name inside `model`; each stacked with leading dim M."""
+        owners = [n for n, m in self.model.named_modules() if isinstance(m, ADAPTER_TYPES + STACKED_HEAD_TYPES)]
+        result = {}
+        for name, param in self.model.named_parameters():
+            if any(name.startswith(o + ".") for o in owners) and param.requires_grad:
+                result[name] = param
+        return result
+
+    def member(self, m: int) -> nn.Module:
+        """A standalone model of the wrapped model's class: member m's adapters merged into the frozen
+        weights and member m's head in place. `ens.member(m)(x)` equals `ens(x)[m]` to float tolerance."""
+        if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m < self.num_members:
+            raise IndexError(f"member index must be an integer in 0..{self.num_members - 1}, got {m!r}")
+        standalone = copy.deepcopy(self.model)
+        for name in self.head_names:
+            _set_submodule(standalone, name, member_head(standalone.get_submodule(name), m))
+        _merge_adapters(standalone, m)
+        standalone.requires_grad_(True)
+        return standalone
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write `adapter_model.safetensors` (the per-member tensors only) and `lora_ensemble_config.json`
+        (config + fingerprint of the base model) into folder `path`; each file is written atomically."""
+        os.makedirs(path, exist_ok=True)
+        tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.member_parameters().items()}
+        atomic_write_bytes(os.path.join(path, WEIGHTS_NAME), safetensors_save(tensors, {"format": "pt"}))
+        meta = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(), "base_model": self.base_fingerprint}
+        atomic_write_bytes(os.path.join(path, CONFIG_NAME), json.dumps(meta, indent=2, sort_keys=True).encode())
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike) -> "LoraEnsemble":
+        """Rebuild a saved ensemble on `model`, which must be the same base model it was trained on
+        (same class and parameter shapes, else ValueError)."""
+        config, expected = read_checkpoint_config(path)
+        check_fingerprint(expected, fingerprint(model), path)
+        ensemble = cls(model, config)
+        ensemble.load_member_state(read_weights(os.path.join(path, WEIGHTS_NAME)), source=os.fspath(path))
+        return ensemble
+
+    def load_member_state(self, tensors: Mapping[str, Tensor], source: str = "state") -> None:
+        """Copy per-member tensors (as written by `save_pretrained`) into this ensemble; every name and
+        shape must match exactly, and nothing is copied unless all of them do."""
+        params = self.member_parameters()
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        wrong = [f"{n}: {tuple(tensors[n].shape)} vs {tuple(p.shape)}" for n, p in params.items()
+                 if n in tensors and tensors[n].shape != p.shape]
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{source} does not fit this ensemble: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                f"shape mismatches {wrong[:5]}"
+            )
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n])
+
+
+# ---- batch expansion -------------------------------------------------------------------------------
+def expand_batch(args: tuple, kwargs: dict, num_members: int) -> tuple[int, tuple, dict]:
+    """Repeat every tensor whose leading dimension is the batch size B member-major to M*B rows.
+
+    B is the leading dimension of the first tensor argument (positional first, then keyword). Tensors
+    with leading dimension 1 (broadcast over the batch) and 0-d tensors pass unchanged; any other
+    leading dimension is an error. Lists, tuples and dicts are searched recursively.
+    """
+    first = _first_tensor(args, "args") or _first_tensor(kwargs, "kwargs")
+    if first is None:
+        raise ValueError("LoraEnsemble needs at least one tensor input with a batch dimension")
+    first_name, batch_size = first
+
+    def repeat(x: Any, name: str) -> Any:
+        if isinstance(x, Tensor):
+            if x.dim() == 0 or (x.shape[0] == 1 and batch_size != 1):
+                return x
+            if x.shape[0] != batch_size:
+                raise ValueError(
+                    f"input {name} has leading dimension {x.shape[0]}, but the batch size (from {first_name}) is "
+                    f"{batch_size}; every batched input must have the same batch size"
+                )
+            return x.repeat(num_members, *([1] * (x.dim() - 1)))
+        if isinstance(x, Mapping):
+            return type(x)({k: repeat(v, f"{name}[{k!r}]") for k, v in x.items()}) if isinstance(x, dict) else x
+        if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+            return type(x)(repeat(v, f"{name}[{i}]") for i, v in enumerate(x))
+        return x
+
+    args = tuple(repeat(a, f"argument {i}") for i, a in enumerate(args))
+    kwargs = {k: repeat(v, repr(k)) for k, v in kwargs.items()}
+    return batch_size, args, kwargs
+
+
+def _first_tensor(x: Any, name: str) -> tuple[str, int] | None:
+    if isinstance(x, Tensor):
+        return (name, x.shape[0]) if x.dim() > 0 else None
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()
+    for k, v in items:
+        found = _first_tensor(v, repr(k) if isinstance(k, str) else f"{name}[{k}]")
+        if found:
+            return found
+    return None
+
+
+def _output_tensor(output: Any) -> Tensor:
+    """The prediction tensor of a model's output: a tensor, `.logits` of a Hugging Face output, or the
+    first tensor of a tuple."""
+    if isinstance(output, Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot find the prediction tensor in a model output of type {type(output).__name__}")
+
+
+# ---- module surgery --------------------------------------------------------------------------------
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parent._modules[child] = module
+
+
+def _merge_adapters(module: nn.Module, m: int) -> None:
+    """In place: replace every adapter by a plain module with member m's adapter merged."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, ADAPTER_TYPES):
+            module._modules[name] = child.merged_module(m)
+        else:
+            _merge_adapters(child, m)
+
+
+# ---- fingerprint and checkpoint files --------------------------------------------------------------
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Identity of a base model: class, parameter count and a hash of every state tensor's name and shape
+    (the architecture), plus a hash of a small sample of the weights (which checkpoint)."""
+    state = model.state_dict()
+    shapes = [[n, list(t.shape)] for n, t in state.items()]
+    sample = hashlib.sha256()
+    for n, t in state.items():
+        if t.is_floating_point() and t.numel():
+            sample.update(t.detach().flatten()[:16].float().cpu().numpy().round(3).tobytes())
+    return {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "shapes_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest(),
+        "weights_sample_sha256": sample.hexdigest(),
+    }
+
+
+def check_fingerprint(expected: dict[str, Any], actual: dict[str, Any], source: Any) -> None:
+    """ValueError when `actual` is another architecture than `expected`; a warning for other weights."""
+    if expected.get("class") != actual["class"] or expected.get("shapes_sha256") != actual["shapes_sha256"]:
+        raise ValueError(
+            f"the checkpoint {os.fspath(source)!r} was saved for base model {expected.get('class')} with "
+            f"{expected.get('num_parameters')} parameters, but the model given is {actual['class']} with "
+            f"{actual['num_parameters']} parameters (class or parameter shapes differ); load it onto the base "
+            "model it was trained on"
+        )
+    if expected.get("weights_sample_sha256") not in (None, actual["weights_sample_sha256"]):
+        import warnings
+
+        warnings.warn(
+            f"the base model's weights differ from those {os.fspath(source)!r} was trained on (same architecture); "
+            "outputs will differ from the saved ensemble's",
+            stacklevel=3,
+        )
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> tuple[LoraEnsembleConfig, dict[str, Any]]:
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: a LoRA-Ensemble checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        return LoraEnsembleConfig.from_dict(meta["config"]), meta["base_model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{config_path} is not a valid LoRA-Ensemble config file ({e})") from None
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(path)} not found")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return safetensors_load(data)
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{os.fspath(path)} is not a readable safetensors file ({e})") from None

@@ -1,0 +1,188 @@
+"""Vectorized LoRA-Ensemble layers: one frozen weight, M stacked low-rank adapters.
+
+Every layer here receives member-major rows: member m owns rows m*B .. (m+1)*B-1 of the leading
+dimension (M*B in all). The frozen base projection runs ONCE over all M*B rows; the per-member
+low-rank deltas run as batched matmuls over parameters stacked with leading dimension M:
+
+    y[m] = base(x[m]) + s * (dropout(x[m]) @ A[m]^T) @ B[m]^T        x[m]: (N, in), A: (M, r, in), B: (M, out, r)
+
+so the frozen weights exist once in memory and no Python loop runs over members.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PART_INDEX = {"q": 0, "k": 1, "v": 2}
+
+
+class InProjection(nn.Module):
+    """The fused in-projection of an nn.MultiheadAttention as a Linear-like module (weight (3E, E))."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear-like module, or None.
+
+    Linear-like: `nn.Linear` and `InProjection` (weight (out, in)) and GPT-2's `Conv1D`
+    (weight (in, out), attribute `nf`).
+    """
+    if isinstance(module, (nn.Linear, InProjection)):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's `transformers.pytorch_utils.Conv1D` (GPT-2), recognised without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _rows_per_member(x: Tensor, num_members: int, where: str) -> int:
+    if x.shape[0] % num_members:
+        raise ValueError(
+            f"{where} received {x.shape[0]} rows, not a multiple of num_members={num_members}; "
+            "call the model through LoraEnsemble, which repeats the batch member-major"
+        )
+    return x.shape[0] // num_members
+
+
+def init_lora_A(A: Tensor, init: str, gain: float, std: float | None, generator: torch.Generator) -> None:
+    """Fill A (..., r, in) in place, every member its own draw from `generator`.
+
+    xavier_uniform: U(-b, b), b = gain * sqrt(6 / (in + r))         (the paper: gain 10)
+    kaiming_uniform: U(-b, b), b = 1 / sqrt(in)                     (PEFT's default, a = sqrt(5))
+    gaussian: N(0, std^2), std = 1 / r by default                    (PEFT's "gaussian")
+    """
+    r, fan_in = A.shape[-2], A.shape[-1]
+    draw = torch.empty(A.shape, dtype=torch.float32)
+    if init == "xavier_uniform":
+        bound = gain * math.sqrt(6.0 / (fan_in + r))
+        draw.uniform_(-bound, bound, generator=generator)
+    elif init == "kaiming_uniform":
+        bound = 1.0 / math.sqrt(fan_in)
+        draw.uniform_(-bound, bound, generator=generator)
+    elif init == "gaussian":
+        draw.normal_(0.0, std if std is not None else 1.0 / r, generator=generator)
+    else:  # validated by the config; kept for direct callers
+        raise ValueError(f"unknown init {init!r}")
+    with torch.no_grad():
+        A.copy_(draw)
+
+
+class LoraEnsembleLinear(nn.Module):
+    """A frozen linear-like layer (nn.Linear or Conv1D) plus M stacked LoRA adapters.
+
+    Parameters: lora_A (M, r, in), lora_B (M, out, r). Input (M*B, ..., in) -> output (M*B, ..., out).
+    """
+
+    def __init__(self, base_layer: nn.Module, num_members: int, r: int, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        features = linear_features(base_layer)
+        if features is None:
+            raise TypeError(f"LoraEnsembleLinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.in_features, self.out_features = features
+        self.base_layer = base_layer
+        self.num_members, self.r, self.scaling = num_members, r, scaling
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(torch.zeros(num_members, r, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_members, self.out_features, r, device=w.device, dtype=w.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        M = self.num_members
+        _rows_per_member(x, M, type(self).__name__)
+        y = self.base_layer(x)                                        # (M*B, ..., out): one shared matmul
+        h = self.lora_dropout(x).reshape(M, -1, self.in_features)     # (M, N, in)
+        h = torch.bmm(h, self.lora_A.to(h.dtype).transpose(1, 2))     # (M, N, r)
+        y = torch.baddbmm(                                            # (M, N, out) = y + s * h @ B^T
+            y.reshape(M, -1, self.out_features), h, self.lora_B.to(h.dtype).transpose(1, 2),
+            alpha=self.scaling,
+        )
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def delta_weight(self, m: int) -> Tensor:
+        """s * B[m] A[m]: (out, in), member m's change to the frozen weight in nn.Linear's layout."""
+        return self.scaling * (self.lora_B[m] @ self.lora_A[m])
+
+    def merged_module(self, m: int) -> nn.Module:
+        """A standalone copy of the base layer with member m's adapter merged into its weight."""
+        merged = copy.deepcopy(self.base_layer)
+        delta = self.delta_weight(m).detach()
+        with torch.no_grad():
+            merged.weight += delta.T if is_conv1d(merged) else delta
+        return merged
+
+    def extra_repr(self) -> str:
+        return f"num_members={self.num_members}, r={self.r}, scaling={self.scaling}"
+
+
+class LoraEnsembleFusedLinear(nn.Module):
+    """A frozen fused q/k/v projection (timm `qkv`, GPT-2 `c_attn`, the in-projection of
+    nn.MultiheadAttention) whose output is [q | k | v], each of width d = out / 3.
+
+    Each chosen part p gets its own rank-r adapter, as in the paper (separate Q, K, V adapters):
+    lora_A (M, P, r, in), lora_B (M, P, d, r), P = len(parts). Input (M*B, ..., in) -> (M*B, ..., 3d).
+    """
+
+    def __init__(self, base_layer: nn.Module, parts: list[str], num_members: int, r: int, scaling: float,
+                 dropout: float = 0.0):
+        super().__init__()
+        features = linear_features(base_layer)
+        if features is None:
+            raise TypeError(f"LoraEnsembleFusedLinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.in_features, self.out_features = features
+        if self.out_features % 3:
+            raise ValueError(
+                f"a fused q/k/v projection needs out_features divisible by 3, got {self.out_features}; "
+                "name the module in target_modules as a plain linear layer instead"
+            )
+        self.base_layer = base_layer
+        self.parts = list(parts)
+        self.part_width = self.out_features // 3
+        self.num_members, self.r, self.scaling = num_members, r, scaling
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("part_index", torch.tensor([PART_INDEX[p] for p in self.parts]), persistent=False)
+        w, P = base_layer.weight, len(self.parts)
+        self.lora_A = nn.Parameter(torch.zeros(num_members, P, r, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_members, P, self.part_width, r, device=w.device, dtype=w.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        M, P, r, d = self.num_members, len(self.parts), self.r, self.part_width
+        _rows_per_member(x, M, type(self).__name__)
+        y = self.base_layer(x).reshape(M, -1, 3, d)                    # (M, N, 3, d)
+        h = self.lora_dropout(x).reshape(M, -1, self.in_features)      # (M, N, in)
+        A = self.lora_A.to(h.dtype).reshape(M, P * r, self.in_features)
+        h = torch.bmm(h, A.transpose(1, 2)).view(M, -1, P, r)          # (M, N, P, r)
+        delta = torch.einsum("mnpr,mpdr->mnpd", h, self.lora_B.to(h.dtype))  # (M, N, P, d)
+        if P == 3:
+            y = torch.add(y, delta, alpha=self.scaling)
+        else:
+            y = y.index_add(2, self.part_index, delta, alpha=self.scaling)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def delta_weight(self, m: int) -> Tensor:
+        """Member m's change to the fused weight, (3d, in) in nn.Linear's layout; zero rows for parts
+        without an adapter."""
+        A, B = self.lora_A[m], self.lora_B[m]                          # (P, r, in), (P, d, r)
+        delta = A.new_zeros(3, self.part_width, self.in_features)
+        delta[self.part_index] = self.scaling * torch.bmm(B, A)
+        return delta.reshape(self.out_features, self.in_features)
+
+    merged_module = LoraEnsembleLinear.merged_module
+
+    def extra_repr(self) -> str:
+        return f"parts={self.parts}, num_members={self.num_members}, r={self.r}, scaling={self.scaling}"
