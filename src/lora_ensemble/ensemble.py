@@ -44,6 +44,10 @@ class LoraEnsemble(nn.Module):
 
     def __init__(self, model: nn.Module, config: LoraEnsembleConfig | None = None, **config_fields: Any):
         super().__init__()
+        unknown = sorted(set(config_fields) - set(LoraEnsembleConfig.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown LoraEnsembleConfig field(s) {unknown}; known fields: "
+                             f"{sorted(LoraEnsembleConfig.__dataclass_fields__)}")
         if config is None:
             config = LoraEnsembleConfig(**config_fields)
         elif config_fields:
@@ -56,6 +60,11 @@ class LoraEnsemble(nn.Module):
         self.base_fingerprint = fingerprint(model)
         heads = find_heads(model, config)
         targets = find_targets(model, config, heads)
+        for name in heads:  # dry run: refuse an unstackable head before the model is touched
+            stack_head(model.get_submodule(name), 1, "copy", torch.Generator(), name)
+        for t in targets:
+            if t.kind == "mha":
+                check_supported(t.module, t.name)
         model.requires_grad_(False)
 
         generator = torch.Generator().manual_seed(config.seed)
@@ -66,14 +75,13 @@ class LoraEnsemble(nn.Module):
             elif t.kind == "fused":
                 adapted = LoraEnsembleFusedLinear(t.module, t.parts, M, r, s, p)
             else:
-                check_supported(t.module, t.name)
                 adapted = LoraEnsembleMultiheadAttention(t.module, t.parts, t.adapt_out, M, r, s, p)
             for layer in adapted.modules():
                 if isinstance(layer, (LoraEnsembleLinear, LoraEnsembleFusedLinear)):
                     init_lora_A(layer.lora_A, config.init, config.init_gain, config.init_std, generator)
-            _set_submodule(model, t.name, adapted)
+            set_submodule(model, t.name, adapted)
         for name in heads:
-            _set_submodule(model, name, stack_head(model.get_submodule(name), M, config.head_init, generator, name))
+            set_submodule(model, name, stack_head(model.get_submodule(name), M, config.head_init, generator, name))
         self.model = model
         self.target_names = [t.name for t in targets]
         self.head_names = heads
@@ -87,7 +95,7 @@ class LoraEnsemble(nn.Module):
         """Run all members on one batch: inputs as for `model`, output (M, B, ...)."""
         M = self.num_members
         batch_size, args, kwargs = expand_batch(args, kwargs, M)
-        output = _output_tensor(self.model(*args, **kwargs))
+        output = output_tensor(self.model(*args, **kwargs))
         if output.shape[0] != M * batch_size:
             raise ValueError(
                 f"the model returned {output.shape[0]} rows for {M} members x batch {batch_size}; LoraEnsemble "
@@ -112,7 +120,7 @@ class LoraEnsemble(nn.Module):
             raise IndexError(f"member index must be an integer in 0..{self.num_members - 1}, got {m!r}")
         standalone = copy.deepcopy(self.model)
         for name in self.head_names:
-            _set_submodule(standalone, name, member_head(standalone.get_submodule(name), m))
+            set_submodule(standalone, name, member_head(standalone.get_submodule(name), m))
         _merge_adapters(standalone, m)
         standalone.requires_grad_(True)
         return standalone
@@ -131,6 +139,9 @@ class LoraEnsemble(nn.Module):
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike) -> "LoraEnsemble":
         """Rebuild a saved ensemble on `model`, which must be the same base model it was trained on
         (same class and parameter shapes, else ValueError)."""
+        from .interop.hub import resolve_checkpoint
+
+        path = resolve_checkpoint(path)
         config, expected = read_checkpoint_config(path)
         check_fingerprint(expected, fingerprint(model), path)
         ensemble = cls(model, config)
@@ -152,6 +163,22 @@ class LoraEnsemble(nn.Module):
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[n])
+
+    # ---- PEFT interoperability (lora_ensemble/interop/peft.py) ----------------------------------------
+    def export_peft(self, path: str | os.PathLike, overwrite: bool = False) -> list[str]:
+        """Write member m as a standard PEFT LoRA adapter folder `path/member_<m>` (atomically); returns the
+        folders. `PeftModel.from_pretrained(base, folder_m)` reproduces member m."""
+        from .interop.peft import export_peft
+
+        return export_peft(self, path, overwrite=overwrite)
+
+    @classmethod
+    def from_peft(cls, model: nn.Module, paths: list[str | os.PathLike], **config_overrides: Any) -> "LoraEnsemble":
+        """One ensemble from M separately trained PEFT LoRA adapters (folders or Hub ids) on the same targets;
+        member i equals `PeftModel.from_pretrained(model, paths[i])`. Nothing is changed unless all of them fit."""
+        from .interop.peft import ensemble_from_peft
+
+        return ensemble_from_peft(cls, model, paths, **config_overrides)
 
 
 # ---- batch expansion -------------------------------------------------------------------------------
@@ -199,7 +226,7 @@ def _first_tensor(x: Any, name: str) -> tuple[str, int] | None:
     return None
 
 
-def _output_tensor(output: Any) -> Tensor:
+def output_tensor(output: Any) -> Tensor:
     """The prediction tensor of a model's output: a tensor, `.logits` of a Hugging Face output, or the
     first tensor of a tuple."""
     if isinstance(output, Tensor):
@@ -213,7 +240,7 @@ def _output_tensor(output: Any) -> Tensor:
 
 
 # ---- module surgery --------------------------------------------------------------------------------
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     parent._modules[child] = module

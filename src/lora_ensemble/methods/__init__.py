@@ -70,6 +70,12 @@ def build_method(name: str, model: nn.Module, num_members: int = 4, **options: A
     return builder(model, num_members, **options)
 
 
+def accepts_option(name: str, option: str) -> bool:
+    """Whether method `name` takes keyword `option` (e.g. 'seed'); builders taking **options accept all."""
+    accepted = _named_options(METHODS[name]) if name in METHODS else set()
+    return accepted is None or option in accepted
+
+
 def _named_options(builder: Callable[..., nn.Module]) -> set[str] | None:
     """The keyword options a builder (class or function) names; None when it takes **options and checks
     them itself."""
@@ -79,4 +85,4 @@ def _named_options(builder: Callable[..., nn.Module]) -> set[str] | None:
     return set(params) - {"model", "num_members"}
 
 
-__all__ = ["METHODS", "build_method"]
+__all__ = ["METHODS", "accepts_option", "build_method"]

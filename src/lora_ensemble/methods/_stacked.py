@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..ensemble import _output_tensor
+from ..ensemble import output_tensor
 
 
 class StackedCall:
@@ -57,7 +57,7 @@ class StackedCall:
     @staticmethod
     def _vmap(module: nn.Module, stacked: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
         def one(weights: dict[str, Tensor]) -> Tensor:
-            return _output_tensor(functional_call(module, weights, args, kwargs))
+            return output_tensor(functional_call(module, weights, args, kwargs))
 
         return vmap(one, randomness="different")(dict(stacked))
 
@@ -65,7 +65,7 @@ class StackedCall:
     def _loop(module: nn.Module, stacked: Mapping[str, Tensor], args: tuple, kwargs: dict) -> Tensor:
         count = next(iter(stacked.values())).shape[0]
         outs = [
-            _output_tensor(functional_call(module, {n: t[k] for n, t in stacked.items()}, args, kwargs))
+            output_tensor(functional_call(module, {n: t[k] for n, t in stacked.items()}, args, kwargs))
             for k in range(count)
         ]
         return torch.stack(outs)
@@ -73,7 +73,7 @@ class StackedCall:
 
 def single_output(model: nn.Module, args: tuple, kwargs: dict) -> Tensor:
     """One ordinary forward as one member: (1, B, ...)."""
-    return _output_tensor(model(*args, **kwargs)).unsqueeze(0)
+    return output_tensor(model(*args, **kwargs)).unsqueeze(0)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LoraEnsembleConfig
-from ..ensemble import _output_tensor, _set_submodule, expand_batch
+from ..ensemble import output_tensor, set_submodule, expand_batch
 from ..heads import stack_head
 from ..targets import find_heads, find_targets
 
@@ -97,9 +97,9 @@ class BatchEnsemble(nn.Module):
         model.requires_grad_(False)
         generator = torch.Generator().manual_seed(seed)
         for t in targets:
-            _set_submodule(model, t.name, BatchEnsembleLinear(t.module, num_members, init, init_std, generator))
+            set_submodule(model, t.name, BatchEnsembleLinear(t.module, num_members, init, init_std, generator))
         for name in heads:
-            _set_submodule(model, name, stack_head(model.get_submodule(name), num_members, head_init, generator, name))
+            set_submodule(model, name, stack_head(model.get_submodule(name), num_members, head_init, generator, name))
         self.model, self.num_members = model, num_members
         self.target_names, self.head_names = [t.name for t in targets], heads
 
@@ -107,7 +107,7 @@ class BatchEnsemble(nn.Module):
         """Inputs as for `model` (batch B); output (M, B, ...)."""
         M = self.num_members
         batch_size, args, kwargs = expand_batch(args, kwargs, M)
-        out = _output_tensor(self.model(*args, **kwargs))
+        out = output_tensor(self.model(*args, **kwargs))
         if out.shape[0] != M * batch_size:
             raise ValueError(f"the model returned {out.shape[0]} rows for {M} members x batch {batch_size}")
         return out.view(M, batch_size, *out.shape[1:])

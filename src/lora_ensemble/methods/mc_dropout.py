@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..ensemble import LoraEnsemble, _output_tensor, expand_batch
+from ..ensemble import LoraEnsemble, output_tensor, expand_batch
 from .lora import CONFIG_FIELDS, _config
 from ._stacked import forked_rng, model_devices, single_output
 
@@ -85,7 +85,7 @@ class MCDropout(nn.Module):
         M = self.num_members
         batch_size, args, kwargs = expand_batch(args, kwargs, M)
         with forked_rng(self.seed, model_devices(self.model)), self.dropout_on():
-            out = _output_tensor(self.model(*args, **kwargs))
+            out = output_tensor(self.model(*args, **kwargs))
         return out.view(M, batch_size, *out.shape[1:])
 
     @contextlib.contextmanager
