@@ -1,0 +1,164 @@
+"""The `lora-ensemble` command line.
+
+    lora-ensemble demo                       LoRA-Ensemble vs. single LoRA on the offline default
+    lora-ensemble fit --config X.yaml        train one run (Lightning; --resume, multi-device flags)
+    lora-ensemble evaluate --checkpoint RUN  test metrics (+ plots) of a finished run
+    lora-ensemble predict --checkpoint RUN --input FILE   per-sample prediction and uncertainty
+    lora-ensemble compare --config X.yaml --methods a,b --seeds 3
+    lora-ensemble benchmark                  speed and memory against the limit and the peers
+
+Configuration mistakes (unknown key, wrong type, missing file) print one `error:` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices (Lightning; override training.* in the config)")
+    g.add_argument("--accelerator", help="cpu, gpu, auto ...")
+    g.add_argument("--devices", help="number of devices per node, or 'auto'")
+    g.add_argument("--strategy", help="auto, ddp, fsdp, ...")
+    g.add_argument("--num-nodes", type=int, help="nodes (multi-node: launch with torchrun or SLURM)")
+    g.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed ...")
+
+
+def _device_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for flag, key in (("accelerator", "accelerator"), ("devices", "devices"), ("strategy", "strategy"),
+                      ("num_nodes", "num_nodes"), ("precision", "precision")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"training.{key}={value}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-ensemble", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train and compare LoRA-Ensemble and single LoRA on the offline default")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--members", type=int, default=4, help="ensemble members (default 4)")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds): 16 articles, 1 epoch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("fit", help="train one run from a YAML config")
+    p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    p.add_argument("--output-dir", help="run folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/last.ckpt")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values, e.g. training.epochs=1")
+    _add_device_flags(p)
+
+    p = sub.add_parser("evaluate", help="test metrics of a finished run")
+    p.add_argument("--checkpoint", required=True, help="run folder written by `fit`")
+    p.add_argument("--output", help="write the metrics JSON here (default <run>/evaluation.json)")
+    p.add_argument("--plots", help="folder for reliability / risk-coverage / OOD figures")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values (e.g. data.*)")
+
+    p = sub.add_parser("predict", help="per-sample prediction, probability and uncertainty")
+    p.add_argument("--checkpoint", required=True, help="run folder written by `fit`")
+    p.add_argument("--input", required=True, help="text: .txt (one per line), .csv (column 'text'), .jsonl; "
+                                                  "images/audio: a file, a folder, or a .txt list of paths")
+    p.add_argument("--output", help="output file (.csv or .jsonl); default: print JSON lines")
+    p.add_argument("--batch-size", type=int, default=32)
+
+    p = sub.add_parser("compare", help="train several methods with the same data, budget and seeds")
+    p.add_argument("--config", required=True)
+    p.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--output-dir", default="runs/compare")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("benchmark", help="speed and memory of LoRA-Ensemble vs. the limit and the peers")
+    try:
+        from .benchmark import add_arguments
+    except ImportError:  # pragma: no cover - benchmark module is optional for the other commands
+        add_arguments = None
+    if add_arguments is not None:
+        add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .run_config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args) or 0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, quick=args.quick, num_members=args.members, progress_bar=not args.no_progress)
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .report import flat_row, markdown_table
+    from .run_config import load_run_config
+    from .runner import fit
+
+    config = load_run_config(args.config, list(args.set) + _device_overrides(args))
+    run_dir = args.output_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    results, run = fit(config, run_dir, resume=args.resume)
+    if run.module.trainer.is_global_zero:
+        print(markdown_table({config.method.name: flat_row(results)}))
+        print(f"wrote {run_dir}/results.json and {run_dir}/model/")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import atomic_write_bytes
+    from .report import flat_row, markdown_table, write_figures
+    from .runner import load_run, make_trainer, test
+
+    run = load_run(args.checkpoint, args.set)
+    results = test(run, make_trainer(run.config, None))
+    out = args.output or os.path.join(args.checkpoint, "evaluation.json")
+    atomic_write_bytes(out, json.dumps(results, indent=2).encode())
+    print(markdown_table({run.config.method.name: flat_row(results)}))
+    if args.plots:
+        write_figures({run.config.method.name: run.module.last_outputs["test"]}, args.plots)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_file
+
+    predict_file(args.checkpoint, args.input, args.output, batch_size=args.batch_size)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    methods = args.methods.split(",") if args.methods else None
+    run_compare(args.config, methods, args.seeds, args.output_dir, overrides=args.set)
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "compare": cmd_compare, "benchmark": cmd_benchmark}
+
+if __name__ == "__main__":
+    sys.exit(main())

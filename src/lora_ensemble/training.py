@@ -1,0 +1,218 @@
+"""Training on PyTorch Lightning: one LightningModule for every method that returns member logits.
+
+Lightning brings the loop, progress bars, checkpointing, mixed precision, gradient accumulation and
+DDP/FSDP; this module adds only what is specific to ensembles:
+
+    loss = 1/M sum_m CE(z_m, y)        (the paper; `loss_reduction="sum"` gives sum_m CE(z_m, y))
+    z: member logits (M, B, C) from `method(**inputs)`, y: labels (B,)
+
+AdamW over the trainable parameters, linear warm-up then cosine decay per step (or the method's own
+`lr_lambda(total_steps)` hook, e.g. snapshot ensembles' cycles), validation/test metrics from
+`lora_ensemble.metrics.evaluate`, and checkpoints that hold only trainable tensors and buffers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from .metrics import evaluate
+
+LABELS = "labels"
+
+
+def member_cross_entropy(member_logits: Tensor, labels: Tensor, reduction: str = "mean",
+                         class_weights: Tensor | None = None) -> Tensor:
+    """Mean (or sum) over members of each member's cross-entropy.
+
+    member_logits: (M, B, C); labels: (B,). With class weights, each member's CE is the weighted mean
+    sum_i w_{y_i} CE_i / sum_i w_{y_i}, as `F.cross_entropy(weight=...)`.
+    """
+    if member_logits.dim() != 3:
+        raise ValueError(f"member logits must have shape (M, B, C), got {tuple(member_logits.shape)}")
+    M, B, C = member_logits.shape
+    if labels.shape != (B,):
+        raise ValueError(f"labels must have shape ({B},) to match member logits {tuple(member_logits.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    weight = None if class_weights is None else class_weights.to(member_logits.device, torch.float32)
+    per_member = torch.stack([F.cross_entropy(member_logits[m].float(), labels, weight=weight) for m in range(M)])
+    return per_member.mean() if reduction == "mean" else per_member.sum()
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = 0.0) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear from 0 to 1 over `warmup_steps`, then cosine down to `min_factor`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class EnsembleModule(L.LightningModule):
+    """Trains and evaluates `method`, any nn.Module whose forward(**inputs) returns member logits (M, B, C).
+
+    Batches are dicts of model inputs plus `labels`. Validation/test on dataloader 0 are in-distribution;
+    a second test dataloader is treated as out-of-distribution (its labels are ignored) and adds the
+    `ood/*` metrics. Logged keys are `val/<metric>` and `test/<metric>` with the keys of `evaluate`.
+    """
+
+    def __init__(self, method: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 loss_reduction: str = "mean", class_weights: list[float] | None = None, n_bins: int = 15,
+                 total_steps: int | None = None):
+        super().__init__()
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.method = method
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.loss_reduction, self.n_bins, self.total_steps = loss_reduction, n_bins, total_steps
+        self.register_buffer("class_weights", None if class_weights is None else torch.tensor(class_weights),
+                             persistent=False)
+        self.frozen_names = {n for n, p in self.named_parameters() if not p.requires_grad}
+        self.strict_loading = False  # checkpoints hold trainable tensors only; see on_load_checkpoint
+        self._outputs: dict[str, list[list[tuple[Tensor, Tensor]]]] = {}
+        self.last_metrics: dict[str, dict[str, Any]] = {}
+        self.last_outputs: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
+        self.temperature = 1.0  # evaluation divides member logits by it (post-hoc temperature scaling)
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        inputs = {k: v for k, v in batch.items() if k != LABELS}
+        return self.method(**inputs)
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        loss = member_cross_entropy(self(batch), batch[LABELS], self.loss_reduction, self.class_weights)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch[LABELS]))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        hook = getattr(self.method, "on_train_batch_end", None)
+        if callable(hook):
+            hook(self.global_step, self._total_steps())
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect("val", batch, dataloader_idx)
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect("test", batch, dataloader_idx)
+
+    def _collect(self, stage: str, batch: Mapping[str, Tensor], dataloader_idx: int) -> None:
+        logits = self(batch).float() / self.temperature
+        store = self._outputs.setdefault(stage, [[], []])
+        store[min(dataloader_idx, 1)].append((logits.detach().cpu(), batch[LABELS].detach().cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def _finish(self, stage: str) -> None:
+        in_dist, ood = self._outputs.pop(stage, [[], []])
+        if not in_dist or self.trainer.sanity_checking:
+            return
+        logits = self.all_gather_cat([z for z, _ in in_dist], dim=1)
+        labels = self.all_gather_cat([y for _, y in in_dist], dim=0)
+        ood_logits = self.all_gather_cat([z for z, _ in ood], dim=1) if ood else None
+        metrics = evaluate(logits, labels, ood_logits, n_bins=self.n_bins)
+        self.last_metrics[stage] = metrics
+        self.last_outputs[stage] = (logits, labels, ood_logits)
+        scalars = {f"{stage}/{k}": float(v) for k, v in metrics.items() if not isinstance(v, list)}
+        self.log_dict(scalars, prog_bar=False, sync_dist=False, rank_zero_only=True)
+        self.log(f"{stage}/acc_", metrics["acc"], prog_bar=True, rank_zero_only=True)
+
+    def all_gather_cat(self, parts: list[Tensor], dim: int) -> Tensor:
+        """Concatenate this process's parts; under DDP, gather every process's (equal-sized) parts first."""
+        local = torch.cat(parts, dim=dim)
+        if self.trainer.world_size <= 1:
+            return local
+        gathered = self.all_gather(local.to(self.device))          # (world, ...)
+        return torch.cat(list(gathered.cpu()), dim=dim)
+
+    # ---- optimisation -------------------------------------------------------------------------------
+    def _total_steps(self) -> int:
+        if self.total_steps is not None:
+            return self.total_steps
+        return max(1, int(self.trainer.estimated_stepping_batches))
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the method has no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        hook = getattr(self.method, "lr_lambda", None)
+        schedule = hook(self._total_steps()) if callable(hook) else None
+        if schedule is None:
+            schedule = warmup_cosine(self._total_steps(), self.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints: trainable tensors (+ buffers) and the RNG state, nothing frozen ------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in self.frozen_names}
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = {k for k in self.state_dict() if k not in self.frozen_names}
+        missing = sorted(expected - set(checkpoint["state_dict"]))
+        unexpected = sorted(set(checkpoint["state_dict"]) - set(self.state_dict()))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if "rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_state"]["torch"])
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Everything a checkpoint of this module holds: trainable parameters and buffers, by name."""
+        return {k: v for k, v in self.state_dict().items() if k not in self.frozen_names}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that writes to a temporary file and renames it, so a killed run never
+    leaves a half-written checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with a permutation drawn from (seed, epoch) alone, so a resumed run sees the same order
+    as an uninterrupted one. Lightning calls `set_epoch` before every epoch. Under DDP each of the
+    `num_replicas` processes takes every num_replicas-th index (padded to equal length)."""
+
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+        self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.length))
+        per_replica = math.ceil(self.length / self.num_replicas)
+        order += order[: per_replica * self.num_replicas - len(order)]
+        return iter(order[self.rank::self.num_replicas])
+
+    def __len__(self) -> int:
+        return math.ceil(self.length / self.num_replicas)

@@ -1,0 +1,127 @@
+"""Training with Lightning: the paper's loss, the schedule, resume, checkpoints and multi-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
+
+from lora_ensemble.run_config import parse_run_config
+from lora_ensemble.runner import fit, load_run
+from lora_ensemble.training import EpochShuffleSampler, member_cross_entropy, warmup_cosine
+
+TINY_RUN = {
+    "seed": 0,
+    "model": {"name": "tiny:text", "max_length": 16},
+    "method": {"name": "lora_ensemble", "num_members": 2, "r": 2, "init_gain": 1.0},
+    "data": {"name": "bbc_news", "batch_size": 4, "train_size": 8, "val_size": 4, "test_size": 4, "ood_size": 4},
+    "training": {"epochs": 2, "lr": 1e-2, "warmup_steps": 1, "progress_bar": False, "accelerator": "cpu"},
+}
+
+
+def tiny_config(**changes):
+    raw = json.loads(json.dumps(TINY_RUN))
+    for key, value in changes.items():
+        section, field = key.split("__")
+        raw[section][field] = value
+    return parse_run_config(raw)
+
+
+def test_loss_is_the_mean_over_members_of_each_members_cross_entropy():
+    z = torch.randn(3, 5, 4)
+    y = torch.randint(0, 4, (5,))
+    expected = sum(F.cross_entropy(z[m], y) for m in range(3)) / 3
+    torch.testing.assert_close(member_cross_entropy(z, y), expected)
+    torch.testing.assert_close(member_cross_entropy(z, y, "sum"), expected * 3)
+    w = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    torch.testing.assert_close(member_cross_entropy(z, y, class_weights=w),
+                               sum(F.cross_entropy(z[m], y, weight=w) for m in range(3)) / 3)
+    with pytest.raises(ValueError, match=r"labels must have shape \(5,\)"):
+        member_cross_entropy(z, y[:4])
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
+    f = warmup_cosine(total_steps=110, warmup_steps=10)
+    assert [round(f(s), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+
+
+def test_shuffle_order_depends_on_seed_and_epoch_only_and_ddp_ranks_split_it():
+    a, b = EpochShuffleSampler(10, seed=3), EpochShuffleSampler(10, seed=3)
+    a.set_epoch(2), b.set_epoch(2)
+    assert list(a) == list(b) and sorted(a) == list(range(10))
+    b.set_epoch(3)
+    assert list(a) != list(b)
+    ranks = [list(EpochShuffleSampler(10, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 5 and sorted(ranks[0] + ranks[1]) == list(range(10))
+
+
+def test_fit_writes_a_run_folder_with_trainable_tensors_only(tmp_path):
+    results, run = fit(tiny_config(), str(tmp_path))
+    for name in ("run_config.yaml", "results.json", "model/weights.safetensors", "checkpoints/last.ckpt"):
+        assert (tmp_path / name).is_file(), name
+    metrics = results["metrics"]
+    assert {"acc", "ece", "nll", "brier", "ood/auroc_mi", "sc/aurc"} <= set(metrics)
+    saved = load_file(tmp_path / "model" / "weights.safetensors")
+    trainable = {n for n, p in run.module.named_parameters() if p.requires_grad}
+    assert trainable <= set(saved) and not any(n in saved for n in run.module.frozen_names)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert set(ckpt["state_dict"]) == set(saved)
+    # evaluate from the folder alone reproduces the test metrics
+    reloaded = load_run(str(tmp_path))
+    from lora_ensemble.runner import make_trainer, test
+
+    again = test(reloaded, make_trainer(reloaded.config, None))
+    assert again["metrics"]["nll"] == pytest.approx(metrics["nll"], rel=1e-5)
+
+
+def test_a_killed_run_resumed_from_its_last_checkpoint_ends_like_an_uninterrupted_one(tmp_path):
+    full, _ = fit(tiny_config(), str(tmp_path / "full"))
+    fit(tiny_config(), str(tmp_path / "killed"), max_epochs=1)  # stops after epoch 1, like a killed job
+    resumed, _ = fit(tiny_config(), str(tmp_path / "killed"), resume=True)
+    a = load_file(tmp_path / "full" / "model" / "weights.safetensors")
+    b = load_file(tmp_path / "killed" / "model" / "weights.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+    assert resumed["metrics"]["nll"] == pytest.approx(full["metrics"]["nll"], rel=1e-5)
+
+
+def test_resume_without_a_checkpoint_or_with_another_config_is_refused(tmp_path):
+    from lora_ensemble.run_config import ConfigError
+
+    with pytest.raises(ConfigError, match="no checkpoint at"):
+        fit(tiny_config(), str(tmp_path), resume=True)
+    fit(tiny_config(), str(tmp_path), max_epochs=1)
+    with pytest.raises(ConfigError, match="config differs"):
+        fit(tiny_config(training__lr=0.5), str(tmp_path), resume=True)
+
+
+def test_temperature_scaling_is_fitted_on_validation_and_saved(tmp_path):
+    results, run = fit(tiny_config(training__temperature_scaling=True), str(tmp_path))
+    assert results["temperature"] > 0 and results["temperature"] != 1.0
+    assert load_run(str(tmp_path)).module.temperature == pytest.approx(results["temperature"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo DDP on CPU")
+def test_ddp_fit_on_two_cpu_processes_with_gloo_and_load_the_result(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_RUN))
+    exe = Path(sys.executable).with_name("lora-ensemble")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PL_DISABLE_FORK": "1"}
+    proc = subprocess.run([str(exe), "fit", "--config", str(config), "--output-dir", str(tmp_path / "run"),
+                           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size: 2" in proc.stderr or "distributed_backend=gloo" in proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0.0 <= results["metrics"]["acc"] <= 1.0
+    run = load_run(str(tmp_path / "run"))
+    assert run.module.method.num_members == 2
