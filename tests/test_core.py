@@ -245,3 +245,29 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32():
             low = call(ens, batch)
     assert low.shape == ref.shape
     torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize("family", ["bert", "timm_vit", "llama_lm", "timm_swin"])
+def test_shared_trunk_gives_the_same_outputs_and_gradients_as_the_plain_path(family):
+    outputs, grads = {}, {}
+    for share in (False, True):
+        ens, make_batch = make_ensemble(family, layers=[-1], share_trunk=share)
+        batch = make_batch(3, torch.Generator().manual_seed(0))
+        out = call(ens, batch)
+        out.float().pow(2).mean().backward()
+        outputs[share] = out.detach()
+        grads[share] = {n: p.grad.clone() for n, p in ens.member_parameters().items()}
+    torch.testing.assert_close(outputs[True], outputs[False], atol=1e-5, rtol=1e-4)
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_trunk_runs_early_blocks_on_the_original_rows_only():
+    ens, make_batch = make_ensemble("bert", layers=[-1], share_trunk=True)
+    rows = {}
+    for name in ("bert.encoder.layer.0", "bert.encoder.layer.1"):
+        ens.model.get_submodule(name).register_forward_hook(
+            lambda m, a, out, name=name: rows.__setitem__(name, (out[0] if isinstance(out, tuple) else out).shape[0]))
+    call(ens, make_batch(2, torch.Generator().manual_seed(0)))
+    assert rows == {"bert.encoder.layer.0": 2, "bert.encoder.layer.1": 2 * M}
+    assert ens.member(0) is not None and not ens.member(0).bert.encoder.layer[1]._forward_pre_hooks

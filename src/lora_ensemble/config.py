@@ -72,6 +72,14 @@ class LoraEnsembleConfig:
             "default for causal LMs: a language-model head is never replicated unless named)."
         },
     )
+    share_trunk: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the blocks before the first adapted block once on the B original rows and repeat the "
+            "hidden states member-major only from there on (same outputs, less compute when `layers` leaves "
+            "early blocks frozen). Needs a model whose code after the blocks does not index by its inputs."
+        },
+    )
     head_init: str = field(
         default="random",
         metadata={"help": "'random': every member head is drawn anew (nn.Linear's init); 'copy': all start "
@@ -130,6 +138,8 @@ class LoraEnsembleConfig:
             (isinstance(head, str) and head) or (isinstance(head, list) and head and all(isinstance(h, str) and h for h in head))
         ):
             raise ValueError(f"head must be 'auto', a dotted module name, a list of names or None, got {head!r}")
+        if not isinstance(self.share_trunk, bool):
+            raise ValueError(f"share_trunk must be true or false, got {self.share_trunk!r}")
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be one of {list(HEAD_INITS)}, got {self.head_init!r}")
 

@@ -26,7 +26,7 @@ from .attention import LoraEnsembleMultiheadAttention, check_supported
 from .config import CONFIG_NAME, LoraEnsembleConfig, atomic_write_bytes
 from .heads import STACKED_HEAD_TYPES, member_head, stack_head
 from .layers import LoraEnsembleFusedLinear, LoraEnsembleLinear, init_lora_A
-from .targets import find_heads, find_targets
+from .targets import block_names, find_heads, find_targets
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
@@ -85,6 +85,13 @@ class LoraEnsemble(nn.Module):
         self.model = model
         self.target_names = [t.name for t in targets]
         self.head_names = heads
+        self.trunk_end = None  # blocks from this one on see M*B rows when config.share_trunk
+        if config.share_trunk and M > 1:
+            first = min((t for t in targets if t.block is not None), key=lambda t: t.block, default=None)
+            if first is None:
+                raise ValueError("share_trunk needs adapted modules inside repeated blocks (e.g. encoder.layer.3)")
+            names = block_names(model)
+            self.trunk_end = names[names.index(first.block_name):]
 
     # ---- forward ----------------------------------------------------------------------------------
     @property
@@ -94,8 +101,22 @@ class LoraEnsemble(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """Run all members on one batch: inputs as for `model`, output (M, B, ...)."""
         M = self.num_members
-        batch_size, args, kwargs = expand_batch(args, kwargs, M)
-        output = output_tensor(self.model(*args, **kwargs))
+        if self.trunk_end is None:
+            batch_size, args, kwargs = expand_batch(args, kwargs, M)
+            output = output_tensor(self.model(*args, **kwargs))
+        else:  # shared trunk: inputs stay B rows; every block from the first adapted one repeats them
+            batch_size = batch_size_of(args, kwargs)[1]
+
+            def repeat_at_block(module: nn.Module, a: tuple, kw: dict) -> tuple[tuple, dict]:
+                return repeat_batch(a, kw, batch_size, M, strict=False)
+
+            handles = [self.model.get_submodule(n).register_forward_pre_hook(repeat_at_block, with_kwargs=True)
+                       for n in self.trunk_end]
+            try:
+                output = output_tensor(self.model(*args, **kwargs))
+            finally:
+                for h in handles:
+                    h.remove()
         if output.shape[0] != M * batch_size:
             raise ValueError(
                 f"the model returned {output.shape[0]} rows for {M} members x batch {batch_size}; LoraEnsemble "
@@ -189,16 +210,32 @@ def expand_batch(args: tuple, kwargs: dict, num_members: int) -> tuple[int, tupl
     with leading dimension 1 (broadcast over the batch) and 0-d tensors pass unchanged; any other
     leading dimension is an error. Lists, tuples and dicts are searched recursively.
     """
+    _, batch_size = batch_size_of(args, kwargs)
+    args, kwargs = repeat_batch(args, kwargs, batch_size, num_members)
+    return batch_size, args, kwargs
+
+
+def batch_size_of(args: tuple, kwargs: dict) -> tuple[str, int]:
+    """(name, leading dimension) of the first tensor argument with at least one dimension."""
     first = _first_tensor(args, "args") or _first_tensor(kwargs, "kwargs")
     if first is None:
         raise ValueError("LoraEnsemble needs at least one tensor input with a batch dimension")
-    first_name, batch_size = first
+    return first
+
+
+def repeat_batch(args: tuple, kwargs: dict, batch_size: int, num_members: int, strict: bool = True
+                 ) -> tuple[tuple, dict]:
+    """`x.repeat(M, 1, ...)` for every tensor with leading dimension `batch_size`; with `strict`, any
+    other leading dimension but 1 is a ValueError, else such tensors pass unchanged."""
+    first_name = (_first_tensor(args, "args") or _first_tensor(kwargs, "kwargs") or ("input",))[0]
 
     def repeat(x: Any, name: str) -> Any:
         if isinstance(x, Tensor):
             if x.dim() == 0 or (x.shape[0] == 1 and batch_size != 1):
                 return x
             if x.shape[0] != batch_size:
+                if not strict:
+                    return x
                 raise ValueError(
                     f"input {name} has leading dimension {x.shape[0]}, but the batch size (from {first_name}) is "
                     f"{batch_size}; every batched input must have the same batch size"
@@ -212,7 +249,7 @@ def expand_batch(args: tuple, kwargs: dict, num_members: int) -> tuple[int, tupl
 
     args = tuple(repeat(a, f"argument {i}") for i, a in enumerate(args))
     kwargs = {k: repeat(v, repr(k)) for k, v in kwargs.items()}
-    return batch_size, args, kwargs
+    return args, kwargs
 
 
 def _first_tensor(x: Any, name: str) -> tuple[str, int] | None:

@@ -49,6 +49,7 @@ class Target:
     parts: list[str]
     adapt_out: bool = False
     block: int | None = None
+    block_name: str | None = None
 
 
 def _get(model: nn.Module, name: str) -> nn.Module | None:
@@ -92,6 +93,15 @@ def _excluded(model: nn.Module, heads: list[str]) -> list[str]:
 
 def _inside(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Every block of the model (see `_block_prefixes`), in module order."""
+    names: list[str] = []
+    for block in _block_prefixes(model).values():
+        if block is not None and block not in names:
+            names.append(block)
+    return names
 
 
 def _block_prefixes(model: nn.Module) -> dict[str, str]:
@@ -190,7 +200,7 @@ def _select_layers(model: nn.Module, targets: list[Target], layers: list[int] | 
             blocks.append(b)
     for t in targets:
         b = prefixes.get(t.name)
-        t.block = blocks.index(b) if b is not None else None
+        t.block, t.block_name = (blocks.index(b) if b is not None else None), b
     if layers is None:
         return targets
     n = len(blocks)
