@@ -26,7 +26,7 @@ DEFAULT_RUN: dict[str, Any] = {
     "method": {"name": "lora_ensemble", "num_members": 4, "r": 8, "target_modules": "qkvo", "init_gain": 10.0},
     "data": {"name": "bbc_news", "batch_size": 16, "eval_batch_size": 64, "train_size": 400, "val_size": 200,
              "test_size": 400, "ood_class": "entertainment"},
-    "training": {"epochs": 3, "lr": 5e-4, "warmup_steps": 10, "grad_clip": 1.0},
+    "training": {"epochs": 3, "lr": 2e-3, "warmup_steps": 10, "grad_clip": 1.0, "val_every_n_epochs": 3},
 }
 
 
