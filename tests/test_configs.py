@@ -101,8 +101,6 @@ def test_comparison_default_builds_every_method_on_minilm():
     assert errors == {m: None for m in METHODS}
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="models.py: torchvision (and timm) models take the image tensor positionally, "
-                                       "but ImageCollator yields the keyword pixel_values (TypeError at the first step)")
 def test_vit_recipe_trains_its_own_torchvision_model(tmp_path):
     root = write_cifar10(tmp_path / "data", per_batch=4)
     config = load_run_config(CONFIGS / "vit_b32_cifar10.yaml", [

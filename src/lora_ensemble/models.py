@@ -84,7 +84,7 @@ def _timm(name: str, num_classes: int, cfg: ModelConfig) -> tuple[nn.Module, Cal
     except (RuntimeError, OSError) as e:
         raise ConfigError(f"timm model {name!r} could not be created: {str(e).splitlines()[0]}") from None
     transform = create_transform(**resolve_data_config({}, model=model))
-    return model, ImageCollator(transform)
+    return model, ImageCollator(transform, input_name="x")  # timm's forward(x)
 
 
 def _torchvision(name: str, num_classes: int, cfg: ModelConfig) -> tuple[nn.Module, Callable]:
@@ -106,7 +106,7 @@ def _torchvision(name: str, num_classes: int, cfg: ModelConfig) -> tuple[nn.Modu
 
         size = cfg.image_size or 224
         transform = T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
-    return model, ImageCollator(transform)
+    return model, ImageCollator(transform, input_name="x")  # torchvision's forward(x)
 
 
 def _tiny(kind: str, num_classes: int, modality: str, cfg: ModelConfig, sample_rate: int) -> tuple[nn.Module, Callable]:

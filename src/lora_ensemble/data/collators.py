@@ -57,7 +57,8 @@ def _to_float_tensor(image) -> torch.Tensor:
 
 
 class ImageCollator:
-    """Transform and stack a batch of PIL images -> ``pixel_values: (B, 3, H, W)`` and ``labels: (B,)``.
+    """Transform and stack a batch of PIL images -> ``pixel_values: (B, 3, H, W)`` (or ``input_name``) and
+    ``labels: (B,)``.
 
     Args:
         transform: called on one PIL image, returns a ``(3, H, W)`` tensor, e.g. a torchvision
@@ -67,8 +68,9 @@ class ImageCollator:
             image as is to float ``[0, 1]`` (only for datasets whose images share one size, e.g. CIFAR).
     """
 
-    def __init__(self, transform: Callable | None = None):
+    def __init__(self, transform: Callable | None = None, input_name: str = "pixel_values"):
         self.transform = transform
+        self.input_name = input_name  # the model's keyword for the image batch ("x" for timm / torchvision)
 
     def _one(self, image) -> torch.Tensor:
         if self.transform is None:
@@ -89,7 +91,7 @@ class ImageCollator:
                 f"images in one batch have different shapes {shapes}; pass a transform that resizes/crops them "
                 "to one size, e.g. torchvision.transforms.Compose([Resize(224), CenterCrop(224), ToTensor()])"
             )
-        return {"pixel_values": torch.stack(pixels).float(), "labels": _labels(batch)}
+        return {self.input_name: torch.stack(pixels).float(), "labels": _labels(batch)}
 
 
 class AudioCollator:
