@@ -271,3 +271,15 @@ def test_shared_trunk_runs_early_blocks_on_the_original_rows_only():
     call(ens, make_batch(2, torch.Generator().manual_seed(0)))
     assert rows == {"bert.encoder.layer.0": 2, "bert.encoder.layer.1": 2 * M}
     assert ens.member(0) is not None and not ens.member(0).bert.encoder.layer[1]._forward_pre_hooks
+
+
+def test_saved_files_get_the_usual_permissions_and_fused_layers_hold_no_extra_buffers(tmp_path):
+    import os
+
+    ens, _ = make_ensemble("timm_vit", target_modules=["qkv"], fused_parts=["q", "v"])
+    ens.save_pretrained(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    layer = ens.model.get_submodule("blocks.0.attn.qkv")
+    assert list(layer.buffers()) == []

@@ -155,7 +155,7 @@ class LoraEnsembleFusedLinear(nn.Module):
         self.part_width = self.out_features // 3
         self.num_members, self.r, self.scaling = num_members, r, scaling
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.register_buffer("part_index", torch.tensor([PART_INDEX[p] for p in self.parts]), persistent=False)
+        self.part_index = [PART_INDEX[p] for p in self.parts]  # a plain list: no buffer beyond the adapters
         w, P = base_layer.weight, len(self.parts)
         self.lora_A = nn.Parameter(torch.zeros(num_members, P, r, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(num_members, P, self.part_width, r, device=w.device, dtype=w.dtype))
@@ -171,7 +171,7 @@ class LoraEnsembleFusedLinear(nn.Module):
         if P == 3:
             y = torch.add(y, delta, alpha=self.scaling)
         else:
-            y = y.index_add(2, self.part_index, delta, alpha=self.scaling)
+            y = y.index_add(2, torch.tensor(self.part_index, device=y.device), delta, alpha=self.scaling)
         return y.view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self, m: int) -> Tensor:
