@@ -75,7 +75,7 @@ def write_figures(outputs: Mapping[str, Outputs], folder: str | os.PathLike, hig
         score = "mi" if logits.shape[0] > 1 else "entropy"
         written.append(plots.uncertainty_histogram(ood_scores(logits)[score], ood_scores(ood_logits)[score],
                                                    folder / "uncertainty_histogram.png", score_name=score,
-                                                   title=f"{highlight}: in- vs out-of-distribution"))
+                                                   title=highlight))
     if logits.shape[0] > 1:
         written.append(plots.member_bars(logits, labels, folder / "members.png", title=highlight))
     return written
