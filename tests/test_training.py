@@ -125,3 +125,22 @@ def test_ddp_fit_on_two_cpu_processes_with_gloo_and_load_the_result(tmp_path):
     assert 0.0 <= results["metrics"]["acc"] <= 1.0
     run = load_run(str(tmp_path / "run"))
     assert run.module.method.num_members == 2
+
+
+def test_fit_trains_in_training_mode_even_when_the_model_arrives_in_eval_mode(tmp_path):
+    import lightning as L
+
+    from lora_ensemble.runner import build_run, make_trainer
+
+    run = build_run(tiny_config(training__epochs=1))
+    run.module.eval()  # as Hugging Face's from_pretrained hands it over
+    modes = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            modes.append(all(m.training for m in module.method.modules()))
+
+    trainer = make_trainer(run.config, None)
+    trainer.callbacks.append(Probe())
+    trainer.fit(run.module, run.loader("train", shuffle=True))
+    assert modes and all(modes)

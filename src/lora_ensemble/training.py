@@ -86,6 +86,11 @@ class EnsembleModule(L.LightningModule):
         self.last_outputs: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
         self.temperature = 1.0  # evaluation divides member logits by it (post-hoc temperature scaling)
 
+    def on_fit_start(self) -> None:
+        # Lightning keeps each submodule's mode; a Hugging Face model comes out of from_pretrained in eval
+        # mode, so switch everything to training mode (dropout, MC dropout) for fitting.
+        self.train()
+
     # ---- steps --------------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         inputs = {k: v for k, v in batch.items() if k != LABELS}
