@@ -210,8 +210,8 @@ def expand_batch(args: tuple, kwargs: dict, num_members: int) -> tuple[int, tupl
     with leading dimension 1 (broadcast over the batch) and 0-d tensors pass unchanged; any other
     leading dimension is an error. Lists, tuples and dicts are searched recursively.
     """
-    _, batch_size = batch_size_of(args, kwargs)
-    args, kwargs = repeat_batch(args, kwargs, batch_size, num_members)
+    source, batch_size = batch_size_of(args, kwargs)
+    args, kwargs = repeat_batch(args, kwargs, batch_size, num_members, source=source)
     return batch_size, args, kwargs
 
 
@@ -223,11 +223,11 @@ def batch_size_of(args: tuple, kwargs: dict) -> tuple[str, int]:
     return first
 
 
-def repeat_batch(args: tuple, kwargs: dict, batch_size: int, num_members: int, strict: bool = True
-                 ) -> tuple[tuple, dict]:
+def repeat_batch(args: tuple, kwargs: dict, batch_size: int, num_members: int, strict: bool = True,
+                 source: str = "the first input") -> tuple[tuple, dict]:
     """`x.repeat(M, 1, ...)` for every tensor with leading dimension `batch_size`; with `strict`, any
-    other leading dimension but 1 is a ValueError, else such tensors pass unchanged."""
-    first_name = (_first_tensor(args, "args") or _first_tensor(kwargs, "kwargs") or ("input",))[0]
+    other leading dimension but 1 is a ValueError naming `source` (where the batch size came from), else
+    such tensors pass unchanged."""
 
     def repeat(x: Any, name: str) -> Any:
         if isinstance(x, Tensor):
@@ -237,7 +237,7 @@ def repeat_batch(args: tuple, kwargs: dict, batch_size: int, num_members: int, s
                 if not strict:
                     return x
                 raise ValueError(
-                    f"input {name} has leading dimension {x.shape[0]}, but the batch size (from {first_name}) is "
+                    f"input {name} has leading dimension {x.shape[0]}, but the batch size (from {source}) is "
                     f"{batch_size}; every batched input must have the same batch size"
                 )
             return x.repeat(num_members, *([1] * (x.dim() - 1)))

@@ -44,7 +44,10 @@ def member_cross_entropy(member_logits: Tensor, labels: Tensor, reduction: str =
         raise ValueError(f"labels must have shape ({B},) to match member logits {tuple(member_logits.shape)}, "
                          f"got {tuple(labels.shape)}")
     weight = None if class_weights is None else class_weights.to(member_logits.device, torch.float32)
-    per_member = torch.stack([F.cross_entropy(member_logits[m].float(), labels, weight=weight) for m in range(M)])
+    ce = F.cross_entropy(member_logits.reshape(M * B, C).float(), labels.repeat(M), weight=weight,
+                         reduction="none").view(M, B)                           # (M, B), already weighted
+    norm = B if weight is None else weight[labels].sum()                        # each member's weight total
+    per_member = ce.sum(dim=1) / norm                                           # (M,)
     return per_member.mean() if reduction == "mean" else per_member.sum()
 
 
