@@ -7,6 +7,7 @@
 
 from .config import LoraEnsembleConfig
 from .ensemble import LoraEnsemble
+from .trunk import TrunkCache
 
-__all__ = ["LoraEnsemble", "LoraEnsembleConfig"]
+__all__ = ["LoraEnsemble", "LoraEnsembleConfig", "TrunkCache"]
 __version__ = "0.1.0"

@@ -25,8 +25,10 @@ from torch import Tensor, nn
 from .attention import LoraEnsembleMultiheadAttention, check_supported
 from .config import CONFIG_NAME, LoraEnsembleConfig, atomic_write_bytes
 from .heads import STACKED_HEAD_TYPES, member_head, stack_head
+from .batch import expand_batch, output_tensor
 from .layers import LoraEnsembleFusedLinear, LoraEnsembleLinear, init_lora_A
 from .targets import block_names, find_heads, find_targets
+from .trunk import shared_trunk_forward
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
@@ -85,8 +87,8 @@ class LoraEnsemble(nn.Module):
         self.model = model
         self.target_names = [t.name for t in targets]
         self.head_names = heads
-        self.trunk_end = None  # blocks from this one on see M*B rows when config.share_trunk
-        if config.share_trunk and M > 1:
+        self.trunk_end = None  # with config.share_trunk: the first adapted block and every block after it
+        if config.share_trunk:
             first = min((t for t in targets if t.block is not None), key=lambda t: t.block, default=None)
             if first is None:
                 raise ValueError("share_trunk needs adapted modules inside repeated blocks (e.g. encoder.layer.3)")
@@ -101,22 +103,11 @@ class LoraEnsemble(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """Run all members on one batch: inputs as for `model`, output (M, B, ...)."""
         M = self.num_members
-        if self.trunk_end is None:
+        if self.trunk_end is None or M == 1:
             batch_size, args, kwargs = expand_batch(args, kwargs, M)
             output = output_tensor(self.model(*args, **kwargs))
-        else:  # shared trunk: inputs stay B rows; every block from the first adapted one repeats them
-            batch_size = batch_size_of(args, kwargs)[1]
-
-            def repeat_at_block(module: nn.Module, a: tuple, kw: dict) -> tuple[tuple, dict]:
-                return repeat_batch(a, kw, batch_size, M, strict=False)
-
-            handles = [self.model.get_submodule(n).register_forward_pre_hook(repeat_at_block, with_kwargs=True)
-                       for n in self.trunk_end]
-            try:
-                output = output_tensor(self.model(*args, **kwargs))
-            finally:
-                for h in handles:
-                    h.remove()
+        else:  # shared trunk: inputs stay B rows until the first adapted block (see trunk.py)
+            batch_size, output = shared_trunk_forward(self.model, self.trunk_end, M, args, kwargs)
         if output.shape[0] != M * batch_size:
             raise ValueError(
                 f"the model returned {output.shape[0]} rows for {M} members x batch {batch_size}; LoraEnsemble "
@@ -200,80 +191,6 @@ class LoraEnsemble(nn.Module):
         from .interop.peft import ensemble_from_peft
 
         return ensemble_from_peft(cls, model, paths, **config_overrides)
-
-
-# ---- batch expansion -------------------------------------------------------------------------------
-def expand_batch(args: tuple, kwargs: dict, num_members: int) -> tuple[int, tuple, dict]:
-    """Repeat every tensor whose leading dimension is the batch size B member-major to M*B rows.
-
-    B is the leading dimension of the first tensor argument (positional first, then keyword). Tensors
-    with leading dimension 1 (broadcast over the batch) and 0-d tensors pass unchanged; any other
-    leading dimension is an error. Lists, tuples and dicts are searched recursively.
-    """
-    source, batch_size = batch_size_of(args, kwargs)
-    args, kwargs = repeat_batch(args, kwargs, batch_size, num_members, source=source)
-    return batch_size, args, kwargs
-
-
-def batch_size_of(args: tuple, kwargs: dict) -> tuple[str, int]:
-    """(name, leading dimension) of the first tensor argument with at least one dimension."""
-    first = _first_tensor(args, "args") or _first_tensor(kwargs, "kwargs")
-    if first is None:
-        raise ValueError("LoraEnsemble needs at least one tensor input with a batch dimension")
-    return first
-
-
-def repeat_batch(args: tuple, kwargs: dict, batch_size: int, num_members: int, strict: bool = True,
-                 source: str = "the first input") -> tuple[tuple, dict]:
-    """`x.repeat(M, 1, ...)` for every tensor with leading dimension `batch_size`; with `strict`, any
-    other leading dimension but 1 is a ValueError naming `source` (where the batch size came from), else
-    such tensors pass unchanged."""
-
-    def repeat(x: Any, name: str) -> Any:
-        if isinstance(x, Tensor):
-            if x.dim() == 0 or (x.shape[0] == 1 and batch_size != 1):
-                return x
-            if x.shape[0] != batch_size:
-                if not strict:
-                    return x
-                raise ValueError(
-                    f"input {name} has leading dimension {x.shape[0]}, but the batch size (from {source}) is "
-                    f"{batch_size}; every batched input must have the same batch size"
-                )
-            return x.repeat(num_members, *([1] * (x.dim() - 1)))
-        if isinstance(x, Mapping):
-            return type(x)({k: repeat(v, f"{name}[{k!r}]") for k, v in x.items()}) if isinstance(x, dict) else x
-        if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
-            return type(x)(repeat(v, f"{name}[{i}]") for i, v in enumerate(x))
-        return x
-
-    args = tuple(repeat(a, f"argument {i}") for i, a in enumerate(args))
-    kwargs = {k: repeat(v, repr(k)) for k, v in kwargs.items()}
-    return args, kwargs
-
-
-def _first_tensor(x: Any, name: str) -> tuple[str, int] | None:
-    if isinstance(x, Tensor):
-        return (name, x.shape[0]) if x.dim() > 0 else None
-    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()
-    for k, v in items:
-        found = _first_tensor(v, repr(k) if isinstance(k, str) else f"{name}[{k}]")
-        if found:
-            return found
-    return None
-
-
-def output_tensor(output: Any) -> Tensor:
-    """The prediction tensor of a model's output: a tensor, `.logits` of a Hugging Face output, or the
-    first tensor of a tuple."""
-    if isinstance(output, Tensor):
-        return output
-    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (list, tuple)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"cannot find the prediction tensor in a model output of type {type(output).__name__}")
 
 
 # ---- module surgery --------------------------------------------------------------------------------

@@ -115,7 +115,8 @@ def _tiny(kind: str, num_classes: int, modality: str, cfg: ModelConfig, sample_r
 
     if kind != modality:
         raise ConfigError(f"model 'tiny:{kind}' does not fit {modality} data; use 'tiny:{modality}'")
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=num_classes)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=num_classes,
+                 **cfg.kwargs)  # model.kwargs change the config, e.g. hidden_dropout_prob
     if kind == "text":
         tokenizer = tf.AutoTokenizer.from_pretrained(minilm_path())
         model = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=tokenizer.vocab_size, **small))

@@ -69,6 +69,7 @@ class TrainingConfig:
     strategy: str = "auto"
     num_nodes: int = 1
     val_every_n_epochs: int = 1
+    cache_trunk: bool = False  # keep the frozen trunk's outputs per training sample (needs method.share_trunk)
     temperature_scaling: bool = False
     progress_bar: bool = True
 

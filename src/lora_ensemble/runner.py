@@ -29,7 +29,9 @@ from .methods import accepts_option, build_method
 from .metrics import fit_temperature
 from .models import build_model
 from .run_config import ConfigError, RunConfig, load_run_config
-from .training import AtomicCheckpointIO, EnsembleModule, EpochShuffleSampler
+from .ensemble import LoraEnsemble
+from .training import AtomicCheckpointIO, EnsembleModule, EpochShuffleSampler, IndexedDataset, WithSampleIds
+from .trunk import TrunkCache
 
 CONFIG_FILE = "run_config.yaml"
 WEIGHTS_FILE = os.path.join("model", "weights.safetensors")
@@ -52,7 +54,10 @@ class Run:
         sampler = EpochShuffleSampler(len(dataset), seed=self.config.seed, shuffle=shuffle, num_replicas=world_size,
                                       rank=rank)
         batch_size = d.batch_size if shuffle else (d.eval_batch_size or d.batch_size)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
+        collate = self.collate
+        if split == "train" and self.module.trunk_cache is not None:  # batches name their samples for the cache
+            dataset, collate = IndexedDataset(dataset), WithSampleIds(collate)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=d.num_workers)
 
 
@@ -73,8 +78,17 @@ def build_run(config: RunConfig) -> Run:
         raise ConfigError(f"method: {e}") from None
     t = config.training
     weights = splits.class_weights().tolist() if t.class_weights else None
+    trunk_cache = None
+    if t.cache_trunk:
+        if not isinstance(method, LoraEnsemble):
+            raise ConfigError(f"training.cache_trunk: method {config.method.name!r} has no frozen trunk to cache; "
+                              "use lora_ensemble or single_lora with share_trunk: true and layers")
+        try:
+            trunk_cache = TrunkCache(method)
+        except ValueError as e:
+            raise ConfigError(f"training.cache_trunk: {e}") from None
     module = EnsembleModule(method, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
-                            loss_reduction=t.loss_reduction, class_weights=weights)
+                            loss_reduction=t.loss_reduction, class_weights=weights, trunk_cache=trunk_cache)
     return Run(config, splits, collate, module)
 
 
@@ -132,6 +146,10 @@ def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int |
         calibrate(run, trainer)
     results = test(run, trainer)
     results.update(train_time_s=train_time, **parameter_counts(run.module.method))
+    cache = run.module.trunk_cache
+    if cache is not None:
+        results["trunk_cache"] = {"computed_batches": cache.computed_batches, "replayed_batches": cache.replayed_batches,
+                                  "samples": len(cache), "bytes": cache.nbytes}
     if trainer.is_global_zero:
         write_weights(run.module, os.path.join(run_dir, WEIGHTS_FILE))
         atomic_write_bytes(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2).encode())

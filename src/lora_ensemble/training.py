@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor, nn
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from .metrics import evaluate
+from .trunk import TrunkCache
 
 LABELS = "labels"
+SAMPLE_IDS = "sample_ids"  # (B,) training-set indices, in batches of a run with a trunk cache
 
 
 def member_cross_entropy(member_logits: Tensor, labels: Tensor, reduction: str = "mean",
@@ -66,14 +68,16 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = 0.0) 
 class EnsembleModule(L.LightningModule):
     """Trains and evaluates `method`, any nn.Module whose forward(**inputs) returns member logits (M, B, C).
 
-    Batches are dicts of model inputs plus `labels`. Validation/test on dataloader 0 are in-distribution;
+    Batches are dicts of model inputs plus `labels` (and `sample_ids` when training with a `trunk_cache`,
+    which then runs the training forward so that later epochs skip the frozen trunk; see `trunk.py`).
+    Validation/test on dataloader 0 are in-distribution;
     a second test dataloader is treated as out-of-distribution (its labels are ignored) and adds the
     `ood/*` metrics. Logged keys are `val/<metric>` and `test/<metric>` with the keys of `evaluate`.
     """
 
     def __init__(self, method: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
                  loss_reduction: str = "mean", class_weights: list[float] | None = None, n_bins: int = 15,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, trunk_cache: TrunkCache | None = None):
         super().__init__()
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -88,6 +92,9 @@ class EnsembleModule(L.LightningModule):
         self.last_metrics: dict[str, dict[str, Any]] = {}
         self.last_outputs: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
         self.temperature = 1.0  # evaluation divides member logits by it (post-hoc temperature scaling)
+        if trunk_cache is not None and trunk_cache.ensemble is not method:
+            raise ValueError("trunk_cache must cache the trunk of the method being trained")
+        self.trunk_cache = trunk_cache
 
     def on_fit_start(self) -> None:
         # Lightning keeps each submodule's mode; a Hugging Face model comes out of from_pretrained in eval
@@ -96,11 +103,16 @@ class EnsembleModule(L.LightningModule):
 
     # ---- steps --------------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        inputs = {k: v for k, v in batch.items() if k != LABELS}
-        return self.method(**inputs)
+        return self.method(**model_inputs(batch))
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        loss = member_cross_entropy(self(batch), batch[LABELS], self.loss_reduction, self.class_weights)
+        if self.trunk_cache is not None:
+            if SAMPLE_IDS not in batch:
+                raise ValueError(f"training with a trunk cache needs `{SAMPLE_IDS}` in every batch (see WithSampleIds)")
+            member_logits = self.trunk_cache(batch[SAMPLE_IDS], **model_inputs(batch))
+        else:
+            member_logits = self(batch)
+        loss = member_cross_entropy(member_logits, batch[LABELS], self.loss_reduction, self.class_weights)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch[LABELS]))
         return loss
 
@@ -183,6 +195,37 @@ class EnsembleModule(L.LightningModule):
     def trainable_state(self) -> dict[str, Tensor]:
         """Everything a checkpoint of this module holds: trainable parameters and buffers, by name."""
         return {k: v for k, v in self.state_dict().items() if k not in self.frozen_names}
+
+
+def model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The model's keyword inputs: the batch without `labels` and `sample_ids`."""
+    return {k: v for k, v in batch.items() if k not in (LABELS, SAMPLE_IDS)}
+
+
+class IndexedDataset(Dataset):
+    """`dataset[i]` as `(i, dataset[i])`, so that batches can name their samples (for `WithSampleIds`)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+class WithSampleIds:
+    """A collate function over `IndexedDataset` items: `collate(items)` plus `sample_ids: (B,)` int64."""
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, Tensor]]):
+        self.collate = collate
+
+    def __call__(self, items: list[tuple[int, Any]]) -> dict[str, Tensor]:
+        batch = self.collate([item for _, item in items])
+        if SAMPLE_IDS in batch:
+            raise ValueError(f"the collate function already makes a `{SAMPLE_IDS}` entry")
+        return {**batch, SAMPLE_IDS: torch.tensor([index for index, _ in items], dtype=torch.long)}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LoraEnsembleConfig
-from ..ensemble import LoraEnsemble, expand_batch, output_tensor, set_submodule
+from ..batch import expand_batch, output_tensor
+from ..ensemble import LoraEnsemble, set_submodule
 from ..layers import PART_INDEX, init_lora_A, is_conv1d, linear_features
 from ..targets import Target, find_heads, find_targets
 from .models import MODELS

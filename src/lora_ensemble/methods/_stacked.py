@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..ensemble import output_tensor
+from ..batch import output_tensor
 
 
 class StackedCall:

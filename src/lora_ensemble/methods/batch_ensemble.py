@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LoraEnsembleConfig
-from ..ensemble import output_tensor, set_submodule, expand_batch
+from ..batch import expand_batch, output_tensor
+from ..ensemble import set_submodule
 from ..heads import stack_head
 from ..targets import find_heads, find_targets
 

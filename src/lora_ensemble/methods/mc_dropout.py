@@ -26,7 +26,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..ensemble import LoraEnsemble, output_tensor, expand_batch
+from ..batch import expand_batch, output_tensor
+from ..ensemble import LoraEnsemble
 from .lora import CONFIG_FIELDS, _config
 from ._stacked import forked_rng, model_devices, single_output
 
