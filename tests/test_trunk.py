@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from test_core import make_ensemble
+from test_core import M, make_ensemble
 from test_training import tiny_config
 from tiny_models import build, call
 
@@ -155,7 +155,7 @@ def test_fit_with_cache_trunk_trains_exactly_like_without(tmp_path):
     plain, _ = fit(_cached_config(), str(tmp_path / "plain"))
     cached, _ = fit(_cached_config(training__cache_trunk=True), str(tmp_path / "cached"))
     assert cached["trunk_cache"] == {"computed_batches": 2, "replayed_batches": 2, "samples": 8, "bytes": 8 * 16 * 32 * 4}
-    assert "trunk_cache" not in plain
+    assert "trunk_cache" not in plain and len(cached["train_epoch_times_s"]) == 2
     a, b = (load_file(tmp_path / d / "model" / "weights.safetensors") for d in ("plain", "cached"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], msg=name)
@@ -172,3 +172,31 @@ def test_cache_trunk_on_a_method_without_a_trunk_is_a_config_error(tmp_path):
     config.method.name, config.method.options = "mc_dropout", {"num_members": 2}
     with pytest.raises(ConfigError, match="no frozen trunk"):
         build_run(config)
+
+
+def test_the_first_adapted_block_runs_its_frozen_projections_of_the_block_input_once():
+    ens, make_batch = make_ensemble("bert", layers=[-1], share_trunk=True, target_modules="qkvo")
+    rows = {}
+    block = "bert.encoder.layer.1.attention"
+    for name in ("self.query", "self.key", "self.value", "output.dense"):
+        ens.model.get_submodule(f"{block}.{name}.base_layer").register_forward_hook(
+            lambda m, a, out, name=name: rows.__setitem__(name, out.shape[0]))
+    call(ens, make_batch(2, torch.Generator()))
+    # q, k, v read the block input (the same for every member); o reads member-specific attention outputs
+    assert rows == {"self.query": 2, "self.key": 2, "self.value": 2, "output.dense": 2 * M}
+
+
+def test_a_repeated_input_changed_in_place_is_not_taken_for_its_source():
+    from lora_ensemble.batch import repeat_batch, repeat_source
+
+    x = torch.randn(2, 3)
+    (rep,), _ = repeat_batch((x,), {}, 2, 3)
+    assert repeat_source(rep) is x
+    rep.add_(1)
+    assert repeat_source(rep) is None
+    (rep,), _ = repeat_batch((x,), {}, 2, 3)
+    x.mul_(2)
+    assert repeat_source(rep) is None
+    with torch.inference_mode():
+        (rep,), _ = repeat_batch((torch.randn(2, 3),), {}, 2, 3)
+    assert repeat_source(rep) is None

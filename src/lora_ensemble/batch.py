@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
+REPEAT_OF = "_lora_ensemble_repeat_of"  # attribute of a repeated tensor: (source, source version, own version)
+
 
 def expand_batch(args: tuple, kwargs: dict, num_members: int) -> tuple[int, tuple, dict]:
     """Repeat every tensor whose leading dimension is the batch size B member-major to M*B rows.
@@ -49,7 +51,10 @@ def repeat_batch(args: tuple, kwargs: dict, batch_size: int, num_members: int, s
                     f"input {name} has leading dimension {x.shape[0]}, but the batch size (from {source}) is "
                     f"{batch_size}; every batched input must have the same batch size"
                 )
-            return x.repeat(num_members, *([1] * (x.dim() - 1)))
+            repeated = x.repeat(num_members, *([1] * (x.dim() - 1)))
+            if not x.is_inference():  # inference tensors keep no version counter to check against
+                setattr(repeated, REPEAT_OF, (x, x._version, repeated._version))
+            return repeated
         if isinstance(x, Mapping):
             return type(x)({k: repeat(v, f"{name}[{k!r}]") for k, v in x.items()}) if isinstance(x, dict) else x
         if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
@@ -59,6 +64,17 @@ def repeat_batch(args: tuple, kwargs: dict, batch_size: int, num_members: int, s
     args = tuple(repeat(a, f"argument {i}") for i, a in enumerate(args))
     kwargs = {k: repeat(v, repr(k)) for k, v in kwargs.items()}
     return args, kwargs
+
+
+def repeat_source(x: Tensor) -> Tensor | None:
+    """The B-row tensor that `x` (M*B rows) repeats member-major, when `repeat_batch` made `x` and neither
+    tensor has been modified in place since; else None. Adapted layers use it to run their frozen part once
+    on B rows where every member's input is the same (the first adapted block of a shared trunk)."""
+    mark = getattr(x, REPEAT_OF, None)
+    if mark is None:
+        return None
+    source, source_version, version = mark
+    return source if source._version == source_version and x._version == version else None
 
 
 def _first_tensor(x: Any, name: str) -> tuple[str, int] | None:

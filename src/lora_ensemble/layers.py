@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batch import repeat_source
+
 PART_INDEX = {"q": 0, "k": 1, "v": 2}
 
 
@@ -58,6 +60,18 @@ def _rows_per_member(x: Tensor, num_members: int, where: str) -> int:
             "call the model through LoraEnsemble, which repeats the batch member-major"
         )
     return x.shape[0] // num_members
+
+
+def _frozen_part(base_layer: nn.Module, x: Tensor, num_members: int) -> Tensor:
+    """base_layer(x) as (M, N, out); when x repeats a B-row tensor member-major (the first adapted block of
+    a shared trunk), the frozen matmul runs once on those B rows and comes back as (1, N, out), which the
+    member deltas broadcast over."""
+    source = repeat_source(x)
+    if source is None:
+        y = base_layer(x)
+        return y.reshape(num_members, -1, y.shape[-1])
+    y = base_layer(source)
+    return y.reshape(1, -1, y.shape[-1])
 
 
 def init_lora_A(A: Tensor, init: str, gain: float, std: float | None, generator: torch.Generator) -> None:
@@ -105,12 +119,11 @@ class LoraEnsembleLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         M = self.num_members
         _rows_per_member(x, M, type(self).__name__)
-        y = self.base_layer(x)                                        # (M*B, ..., out): one shared matmul
+        y = _frozen_part(self.base_layer, x, M)                       # (M or 1, N, out): one shared matmul
         h = self.lora_dropout(x).reshape(M, -1, self.in_features)     # (M, N, in)
         h = torch.bmm(h, self.lora_A.to(h.dtype).transpose(1, 2))     # (M, N, r)
         y = torch.baddbmm(                                            # (M, N, out) = y + s * h @ B^T
-            y.reshape(M, -1, self.out_features), h, self.lora_B.to(h.dtype).transpose(1, 2),
-            alpha=self.scaling,
+            y, h, self.lora_B.to(h.dtype).transpose(1, 2), alpha=self.scaling,
         )
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -163,7 +176,8 @@ class LoraEnsembleFusedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         M, P, r, d = self.num_members, len(self.parts), self.r, self.part_width
         _rows_per_member(x, M, type(self).__name__)
-        y = self.base_layer(x).reshape(M, -1, 3, d)                    # (M, N, 3, d)
+        y = _frozen_part(self.base_layer, x, M)                        # (M or 1, N, 3d)
+        y = y.view(y.shape[0], -1, 3, d)                               # (M or 1, N, 3, d)
         h = self.lora_dropout(x).reshape(M, -1, self.in_features)      # (M, N, in)
         A = self.lora_A.to(h.dtype).reshape(M, P * r, self.in_features)
         h = torch.bmm(h, A.transpose(1, 2)).view(M, -1, P, r)          # (M, N, P, r)
@@ -171,7 +185,8 @@ class LoraEnsembleFusedLinear(nn.Module):
         if P == 3:
             y = torch.add(y, delta, alpha=self.scaling)
         else:
-            y = y.index_add(2, torch.tensor(self.part_index, device=y.device), delta, alpha=self.scaling)
+            y = y.expand(M, -1, -1, -1).index_add(2, torch.tensor(self.part_index, device=y.device), delta,
+                                                  alpha=self.scaling)
         return y.view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self, m: int) -> Tensor:

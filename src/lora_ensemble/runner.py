@@ -30,7 +30,8 @@ from .metrics import fit_temperature
 from .models import build_model
 from .run_config import ConfigError, RunConfig, load_run_config
 from .ensemble import LoraEnsemble
-from .training import AtomicCheckpointIO, EnsembleModule, EpochShuffleSampler, IndexedDataset, WithSampleIds
+from .training import (AtomicCheckpointIO, EnsembleModule, EpochShuffleSampler, EpochTimer, IndexedDataset,
+                       WithSampleIds)
 from .trunk import TrunkCache
 
 CONFIG_FILE = "run_config.yaml"
@@ -94,7 +95,7 @@ def build_run(config: RunConfig) -> Run:
 
 def make_trainer(config: RunConfig, run_dir: str | None, max_epochs: int | None = None) -> L.Trainer:
     t = config.training
-    callbacks = []
+    callbacks: list[L.Callback] = [EpochTimer()]
     if run_dir is not None:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"),
                                                              save_last=True, save_top_k=0, every_n_epochs=1))
@@ -105,6 +106,7 @@ def make_trainer(config: RunConfig, run_dir: str | None, max_epochs: int | None 
         plugins=[AtomicCheckpointIO()], logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs") if run_dir else False,
         enable_checkpointing=run_dir is not None, enable_progress_bar=t.progress_bar, enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=run_dir,
+        inference_mode=False,  # no_grad instead: tensors keep version counters, which the shared trunk checks
         check_val_every_n_epoch=t.val_every_n_epochs,
     )
 
@@ -145,7 +147,9 @@ def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int |
     if config.training.temperature_scaling:
         calibrate(run, trainer)
     results = test(run, trainer)
-    results.update(train_time_s=train_time, **parameter_counts(run.module.method))
+    timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
+    results.update(train_time_s=train_time, train_epoch_times_s=timer.epoch_times_s,
+                   **parameter_counts(run.module.method))
     cache = run.module.trunk_cache
     if cache is not None:
         results["trunk_cache"] = {"computed_batches": cache.computed_batches, "replayed_batches": cache.replayed_batches,

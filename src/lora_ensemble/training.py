@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -226,6 +227,24 @@ class WithSampleIds:
         if SAMPLE_IDS in batch:
             raise ValueError(f"the collate function already makes a `{SAMPLE_IDS}` entry")
         return {**batch, SAMPLE_IDS: torch.tensor([index for index, _ in items], dtype=torch.long)}
+
+
+class EpochTimer(L.Callback):
+    """Wall time of each training epoch, from its start to the end of its last training batch (validation
+    excluded), in `epoch_times_s`."""
+
+    def __init__(self) -> None:
+        self.epoch_times_s: list[float] = []
+        self._start = self._last = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        self._last = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.epoch_times_s.append(self._last - self._start)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
