@@ -283,3 +283,43 @@ def test_saved_files_get_the_usual_permissions_and_fused_layers_hold_no_extra_bu
     assert (tmp_path / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     layer = ens.model.get_submodule("blocks.0.attn.qkv")
     assert list(layer.buffers()) == []
+
+
+@pytest.mark.parametrize("family,overrides", [("bert", {}), ("gpt2_lm", {}), ("timm_vit", {}),
+                                              ("timm_vit", {"target_modules": ["qkv"], "fused_parts": ["q", "v"]})])
+def test_inference_adds_the_deltas_in_place_and_gives_the_training_path_outputs(family, overrides):
+    ens, make_batch = make_ensemble(family, **overrides)
+    batch = make_batch(3, torch.Generator().manual_seed(0))
+    with_grad = call(ens, batch)
+    with torch.no_grad():
+        without = call(ens, batch)
+    torch.testing.assert_close(without, with_grad.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_the_fused_training_function_matches_autograd_and_the_generic_path():
+    from lora_ensemble.layers import LoraEnsembleLinear, _LinearWithMemberDeltas
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * 2, 4, dtype=torch.double, generator=g, requires_grad=True)
+    W, b = torch.randn(5, 4, dtype=torch.double, generator=g), torch.randn(5, dtype=torch.double, generator=g)
+    A = torch.randn(3, 2, 4, dtype=torch.double, generator=g, requires_grad=True)
+    B = torch.randn(3, 5, 2, dtype=torch.double, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, A, B: _LinearWithMemberDeltas.apply(x, W, b, A, B, 0.5, 3), (x, A, B))
+
+    grads = {}
+    for generic in (False, True):
+        layer = LoraEnsembleLinear(torch.nn.Linear(4, 5), 3, r=2, scaling=0.5)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B):
+                p.normal_()
+        layer.base_layer.requires_grad_(False)
+        if generic:  # a hook on the frozen layer sends the layer down the generic path
+            layer.base_layer.register_forward_hook(lambda *a: None)
+        assert layer._fused_training(torch.zeros(6, 7, 4)) is not generic
+        xs = torch.randn(6, 7, 4, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        out = layer(xs)
+        out.pow(2).sum().backward()
+        grads[generic] = (out.detach(), xs.grad, layer.lora_A.grad, layer.lora_B.grad)
+    for fused, generic in zip(grads[False], grads[True]):
+        torch.testing.assert_close(fused, generic, atol=1e-5, rtol=1e-5)

@@ -6,13 +6,15 @@ low-rank deltas run as batched matmuls over parameters stacked with leading dime
 
     y[m] = base(x[m]) + s * (dropout(x[m]) @ A[m]^T) @ B[m]^T        x[m]: (N, in), A: (M, r, in), B: (M, out, r)
 
-so the frozen weights exist once in memory and no Python loop runs over members.
+so the frozen weights exist once in memory and no Python loop runs over members. Without autograd
+(inference) the deltas are added into the frozen output in place, so y is not copied.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +76,13 @@ def _frozen_part(base_layer: nn.Module, x: Tensor, num_members: int) -> Tensor:
     return y.reshape(1, -1, y.shape[-1])
 
 
+def _in_place(y: Tensor, num_members: int) -> bool:
+    """Whether the member deltas may be added into the frozen output y in place: only without autograd (in
+    training, an in-place add to a view of y would make autograd copy the gradient instead) and when y holds
+    every member's rows (not the (1, N, out) output that the members share)."""
+    return not torch.is_grad_enabled() and y.shape[0] == num_members
+
+
 def init_lora_A(A: Tensor, init: str, gain: float, std: float | None, generator: torch.Generator) -> None:
     """Fill A (..., r, in) in place, every member its own draw from `generator`.
 
@@ -119,13 +128,31 @@ class LoraEnsembleLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         M = self.num_members
         _rows_per_member(x, M, type(self).__name__)
+        if self._fused_training(x):                                   # same result, fewer full-size tensors
+            y = _LinearWithMemberDeltas.apply(x.reshape(-1, self.in_features), self.base_layer.weight,
+                                              self.base_layer.bias, self.lora_A, self.lora_B, self.scaling, M)
+            return y.view(*x.shape[:-1], self.out_features)
         y = _frozen_part(self.base_layer, x, M)                       # (M or 1, N, out): one shared matmul
         h = self.lora_dropout(x).reshape(M, -1, self.in_features)     # (M, N, in)
         h = torch.bmm(h, self.lora_A.to(h.dtype).transpose(1, 2))     # (M, N, r)
-        y = torch.baddbmm(                                            # (M, N, out) = y + s * h @ B^T
-            y, h, self.lora_B.to(h.dtype).transpose(1, 2), alpha=self.scaling,
-        )
+        B = self.lora_B.to(h.dtype).transpose(1, 2)                   # (M, r, out)
+        if _in_place(y, M):                                           # y += s * h @ B^T, no copy of y
+            y = y.baddbmm_(h, B, alpha=self.scaling)
+        else:                                                         # (M, N, out) = y + s * h @ B^T
+            y = torch.baddbmm(y, h, B, alpha=self.scaling)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _fused_training(self, x: Tensor) -> bool:
+        """Whether this training step can use `_LinearWithMemberDeltas`: autograd on, a frozen plain nn.Linear
+        (not a subclass such as a quantized layer, and without hooks, since the function calls F.linear on its
+        weight), no LoRA dropout, no autocast (its backward would not see the forward's dtypes), and an input
+        that is not shared across members."""
+        base = self.base_layer
+        return (torch.is_grad_enabled() and type(base) in (nn.Linear, InProjection)
+                and not (base._forward_hooks or base._forward_pre_hooks)
+                and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+                and isinstance(self.lora_dropout, nn.Identity) and not torch.is_autocast_enabled(x.device.type)
+                and x.dtype == base.weight.dtype == self.lora_A.dtype and repeat_source(x) is None)
 
     def delta_weight(self, m: int) -> Tensor:
         """s * B[m] A[m]: (out, in), member m's change to the frozen weight in nn.Linear's layout."""
@@ -141,6 +168,48 @@ class LoraEnsembleLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_members={self.num_members}, r={self.r}, scaling={self.scaling}"
+
+
+class _LinearWithMemberDeltas(torch.autograd.Function):
+    """y = x W^T + b + s (x_m A_m^T) B_m^T for member-major x (M*n, in) with W, b frozen, as one tensor.
+
+    Forward adds the member deltas into the frozen output in place. Backward writes the members' share of
+    the input gradient into the frozen layer's input gradient in place:
+
+        h = x_m A_m^T (M, n, r);  g_h = s g_m B_m;  dA_m = g_h^T x_m;  dB_m = s g_m^T h_m;  dx = g W + g_h A_m
+
+    so a training step allocates no full-size (M*n, out) or (M*n, in) tensor beyond those the frozen layer
+    alone needs (autograd's generic path copies y once and adds two input gradients).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+                num_members: int) -> Tensor:
+        M = num_members
+        y = F.linear(x, weight, bias)                                      # (M*n, out)
+        h = torch.bmm(x.view(M, -1, x.shape[-1]), A.transpose(1, 2))       # (M, n, r)
+        y.view(M, -1, y.shape[-1]).baddbmm_(h, B.transpose(1, 2), alpha=scaling)
+        ctx.save_for_backward(x, weight, A, B, h)
+        ctx.scaling, ctx.num_members = scaling, M
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, A, B, h = ctx.saved_tensors
+        M, s = ctx.num_members, ctx.scaling
+        g3 = g.reshape(M, -1, g.shape[-1])                                 # (M, n, out)
+        g_h = torch.bmm(g3, B)                                             # (M, n, r)
+        if s != 1.0:
+            g_h = g_h * s
+        dB = torch.bmm(g3.transpose(1, 2), h)                              # (M, out, r)
+        if s != 1.0:
+            dB = dB * s
+        dA = torch.bmm(g_h.transpose(1, 2), x.view(M, -1, x.shape[-1]))    # (M, r, in)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.matmul(g, weight)                                   # the frozen layer's input gradient
+            dx.view(M, -1, dx.shape[-1]).baddbmm_(g_h, A)                  # + the members' share, in place
+        return dx, None, None, dA, dB, None, None
 
 
 class LoraEnsembleFusedLinear(nn.Module):
@@ -182,11 +251,13 @@ class LoraEnsembleFusedLinear(nn.Module):
         A = self.lora_A.to(h.dtype).reshape(M, P * r, self.in_features)
         h = torch.bmm(h, A.transpose(1, 2)).view(M, -1, P, r)          # (M, N, P, r)
         delta = torch.einsum("mnpr,mpdr->mnpd", h, self.lora_B.to(h.dtype))  # (M, N, P, d)
-        if P == 3:
+        index = torch.tensor(self.part_index, device=y.device) if P < 3 else None
+        if _in_place(y, M):
+            y = y.add_(delta, alpha=self.scaling) if P == 3 else y.index_add_(2, index, delta, alpha=self.scaling)
+        elif P == 3:
             y = torch.add(y, delta, alpha=self.scaling)
         else:
-            y = y.expand(M, -1, -1, -1).index_add(2, torch.tensor(self.part_index, device=y.device), delta,
-                                                  alpha=self.scaling)
+            y = y.expand(M, -1, -1, -1).index_add(2, index, delta, alpha=self.scaling)
         return y.view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self, m: int) -> Tensor:
