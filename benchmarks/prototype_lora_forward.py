@@ -5,7 +5,8 @@
 Variants (patched onto the layers of separate LoraEnsemble instances, so all run in one process and are
 timed interleaved, round by round: on a shared machine contention then hits every variant alike):
 
-    current   layers.py as it is: y = base(x); out = baddbmm(y, h, B^T)          (a new (M*N, out) tensor)
+    current   layers.py as it is (since this prototype: in-place deltas without autograd, and in training
+              the fused function of `fused` below, as `_LinearWithMemberDeltas`); see benchmarks/ab_layers.py
     inplace   y = base(x); y.baddbmm_(h, B^T)                                    (no second full-size tensor)
     fused     inplace + a custom autograd.Function whose backward adds the LoRA input gradient into the
               frozen layer's input gradient in place (grad_x = g W, then grad_x.baddbmm_(g_h, A)), so backward
