@@ -1,6 +1,6 @@
 """A/B of the adapted layers: the current fast paths against the generic autograd path, and the limit.
 
-The default case (MiniLM-L6, B=8, T=128, M=8, r=8, q/k/v/o). One ensemble runs twice per round, once as it is
+The default case (MiniLM-L6, B=8, T=128, M=8, r=8, q/k/v/o; --batch-size, --seq-len, --num-members change it). One ensemble runs twice per round, once as it is
 (inference: deltas added in place; training: `_LinearWithMemberDeltas`) and once with those paths switched off
 (out-of-place `baddbmm`, autograd's generic backward); the frozen model on M*B rows is the limit. All three are
 timed interleaved round by round, and the paired ratio is the median over rounds of case / limit in that round.
@@ -31,10 +31,13 @@ def main() -> None:
     p.add_argument("--mode", choices=["inference", "train"], default="inference")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--num-members", type=int, default=8)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = BenchmarkOptions()
+    opts = BenchmarkOptions(batch_size=args.batch_size, seq_len=args.seq_len, num_members=args.num_members)
     limit = _build_case(f"limit/{args.mode}", opts)[0]
     ensemble = _build_case(f"lora_ensemble/{args.mode}", opts)[0]
     fast = (layers._in_place, layers.LoraEnsembleLinear._fused_training)
