@@ -34,24 +34,23 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--num-members", type=int, default=8)
+    p.add_argument("--model", default="minilm", help="a model of lora_ensemble.benchmark.MODELS (default: minilm)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = BenchmarkOptions(batch_size=args.batch_size, seq_len=args.seq_len, num_members=args.num_members)
+    opts = BenchmarkOptions(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len, num_members=args.num_members)
     limit = _build_case(f"limit/{args.mode}", opts)[0]
     ensemble = _build_case(f"lora_ensemble/{args.mode}", opts)[0]
-    fast = (layers._in_place, layers.LoraEnsembleLinear._fused_training)
+    fast = (layers._in_place, layers._fused_training)
 
     def run(current: bool) -> None:
-        if current:
-            layers._in_place, layers.LoraEnsembleLinear._fused_training = fast
-        else:
+        if not current:
             layers._in_place = lambda y, num_members: False
-            layers.LoraEnsembleLinear._fused_training = lambda self, x: False
+            layers._fused_training = lambda layer, x: False
         try:
             ensemble()
         finally:
-            layers._in_place, layers.LoraEnsembleLinear._fused_training = fast
+            layers._in_place, layers._fused_training = fast
 
     cases = {"limit": limit, "current": lambda: run(True), "generic": lambda: run(False)}
     for step in cases.values():  # warm-up

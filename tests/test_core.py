@@ -9,7 +9,7 @@ import torch
 from tiny_models import FAMILIES, build, call
 
 from lora_ensemble import LoraEnsemble, LoraEnsembleConfig
-from lora_ensemble.layers import linear_features
+from lora_ensemble.layers import LoraEnsembleFusedLinear, LoraEnsembleLinear, linear_features
 
 M = 3
 
@@ -296,27 +296,39 @@ def test_inference_adds_the_deltas_in_place_and_gives_the_training_path_outputs(
     torch.testing.assert_close(without, with_grad.detach(), atol=1e-6, rtol=1e-5)
 
 
-def test_the_fused_training_function_matches_autograd_and_the_generic_path():
-    from lora_ensemble.layers import LoraEnsembleLinear, _LinearWithMemberDeltas
+def test_the_fused_training_function_matches_autograd():
+    from lora_ensemble.layers import _LinearWithMemberDeltas
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3 * 2, 4, dtype=torch.double, generator=g, requires_grad=True)
-    W, b = torch.randn(5, 4, dtype=torch.double, generator=g), torch.randn(5, dtype=torch.double, generator=g)
-    A = torch.randn(3, 2, 4, dtype=torch.double, generator=g, requires_grad=True)
-    B = torch.randn(3, 5, 2, dtype=torch.double, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, A, B: _LinearWithMemberDeltas.apply(x, W, b, A, B, 0.5, 3), (x, A, B))
+    for slices, K in [((0,), 1), ((0, 1, 2), 3), ((0, 2), 3)]:
+        d = 5
+        W, b = torch.randn(K * d, 4, dtype=torch.double, generator=g), torch.randn(K * d, dtype=torch.double, generator=g)
+        A = torch.randn(3, len(slices), 2, 4, dtype=torch.double, generator=g, requires_grad=True)
+        B = torch.randn(3, len(slices), d, 2, dtype=torch.double, generator=g, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda x, A, B: _LinearWithMemberDeltas.apply(x, W, b, A, B, 0.5, 3, slices, K), (x, A, B))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LoraEnsembleLinear(torch.nn.Linear(4, 6), 3, r=2, scaling=0.5),
+    lambda: LoraEnsembleFusedLinear(torch.nn.Linear(4, 6), ["q", "k", "v"], 3, r=2, scaling=1.0),
+    lambda: LoraEnsembleFusedLinear(torch.nn.Linear(4, 6), ["q", "v"], 3, r=2, scaling=0.5),
+], ids=["linear", "fused_qkv", "fused_qv"])
+def test_the_fused_training_path_equals_the_generic_path(make):
+    from lora_ensemble.layers import _fused_training
 
     grads = {}
     for generic in (False, True):
-        layer = LoraEnsembleLinear(torch.nn.Linear(4, 5), 3, r=2, scaling=0.5)
         torch.manual_seed(1)
+        layer = make()
         with torch.no_grad():
             for p in (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B):
                 p.normal_()
         layer.base_layer.requires_grad_(False)
         if generic:  # a hook on the frozen layer sends the layer down the generic path
             layer.base_layer.register_forward_hook(lambda *a: None)
-        assert layer._fused_training(torch.zeros(6, 7, 4)) is not generic
+        assert _fused_training(layer, torch.zeros(6, 7, 4)) is not generic
         xs = torch.randn(6, 7, 4, generator=torch.Generator().manual_seed(2), requires_grad=True)
         out = layer(xs)
         out.pow(2).sum().backward()

@@ -83,6 +83,19 @@ def _in_place(y: Tensor, num_members: int) -> bool:
     return not torch.is_grad_enabled() and y.shape[0] == num_members
 
 
+def _fused_training(layer: nn.Module, x: Tensor) -> bool:
+    """Whether this training step of `layer` can use `_LinearWithMemberDeltas`: autograd on, a frozen plain
+    nn.Linear (not a subclass such as a quantized layer, and without hooks, since the function calls F.linear
+    on its weight), no LoRA dropout, no autocast (its backward would not see the forward's dtypes), and an
+    input that is not shared across members."""
+    base = layer.base_layer
+    return (torch.is_grad_enabled() and type(base) in (nn.Linear, InProjection)
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+            and isinstance(layer.lora_dropout, nn.Identity) and not torch.is_autocast_enabled(x.device.type)
+            and x.dtype == base.weight.dtype == layer.lora_A.dtype and repeat_source(x) is None)
+
+
 def init_lora_A(A: Tensor, init: str, gain: float, std: float | None, generator: torch.Generator) -> None:
     """Fill A (..., r, in) in place, every member its own draw from `generator`.
 
@@ -128,9 +141,10 @@ class LoraEnsembleLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         M = self.num_members
         _rows_per_member(x, M, type(self).__name__)
-        if self._fused_training(x):                                   # same result, fewer full-size tensors
+        if _fused_training(self, x):                                  # same result, fewer full-size tensors
             y = _LinearWithMemberDeltas.apply(x.reshape(-1, self.in_features), self.base_layer.weight,
-                                              self.base_layer.bias, self.lora_A, self.lora_B, self.scaling, M)
+                                              self.base_layer.bias, self.lora_A.unsqueeze(1),
+                                              self.lora_B.unsqueeze(1), self.scaling, M, (0,), 1)
             return y.view(*x.shape[:-1], self.out_features)
         y = _frozen_part(self.base_layer, x, M)                       # (M or 1, N, out): one shared matmul
         h = self.lora_dropout(x).reshape(M, -1, self.in_features)     # (M, N, in)
@@ -141,18 +155,6 @@ class LoraEnsembleLinear(nn.Module):
         else:                                                         # (M, N, out) = y + s * h @ B^T
             y = torch.baddbmm(y, h, B, alpha=self.scaling)
         return y.view(*x.shape[:-1], self.out_features)
-
-    def _fused_training(self, x: Tensor) -> bool:
-        """Whether this training step can use `_LinearWithMemberDeltas`: autograd on, a frozen plain nn.Linear
-        (not a subclass such as a quantized layer, and without hooks, since the function calls F.linear on its
-        weight), no LoRA dropout, no autocast (its backward would not see the forward's dtypes), and an input
-        that is not shared across members."""
-        base = self.base_layer
-        return (torch.is_grad_enabled() and type(base) in (nn.Linear, InProjection)
-                and not (base._forward_hooks or base._forward_pre_hooks)
-                and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-                and isinstance(self.lora_dropout, nn.Identity) and not torch.is_autocast_enabled(x.device.type)
-                and x.dtype == base.weight.dtype == self.lora_A.dtype and repeat_source(x) is None)
 
     def delta_weight(self, m: int) -> Tensor:
         """s * B[m] A[m]: (out, in), member m's change to the frozen weight in nn.Linear's layout."""
@@ -171,45 +173,51 @@ class LoraEnsembleLinear(nn.Module):
 
 
 class _LinearWithMemberDeltas(torch.autograd.Function):
-    """y = x W^T + b + s (x_m A_m^T) B_m^T for member-major x (M*n, in) with W, b frozen, as one tensor.
+    """y = x W^T + b with W, b frozen, plus each member's low-rank delta, as one tensor.
 
-    Forward adds the member deltas into the frozen output in place. Backward writes the members' share of
-    the input gradient into the frozen layer's input gradient in place:
+    x: (M*n, in) member-major. y's columns are K equal slices of width d (K = 1 for a plain projection, K = 3
+    for a fused q/k/v one); slice `slices[p]` gets adapter p: A (M, P, r, in), B (M, P, d, r). For member m:
 
-        h = x_m A_m^T (M, n, r);  g_h = s g_m B_m;  dA_m = g_h^T x_m;  dB_m = s g_m^T h_m;  dx = g W + g_h A_m
+        h_p = x_m A_{m,p}^T (n, r);  y_m[:, slice p] += s h_p B_{m,p}^T
+        g_p = s g_m[:, slice p] B_{m,p};  dA_{m,p} = g_p^T x_m;  dB_{m,p} = s g_m[:, slice p]^T h_p
+        dx_m = g_m W + sum_p g_p A_{m,p}
 
-    so a training step allocates no full-size (M*n, out) or (M*n, in) tensor beyond those the frozen layer
-    alone needs (autograd's generic path copies y once and adds two input gradients).
+    Forward adds the deltas into the frozen output in place; backward adds the members' share into the frozen
+    layer's input gradient g W in place. So a training step allocates no full-size (M*n, out) or (M*n, in)
+    tensor beyond those the frozen layer alone needs (autograd's generic path writes the delta or a copy of
+    y, and sums two input gradients).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
-                num_members: int) -> Tensor:
-        M = num_members
-        y = F.linear(x, weight, bias)                                      # (M*n, out)
-        h = torch.bmm(x.view(M, -1, x.shape[-1]), A.transpose(1, 2))       # (M, n, r)
-        y.view(M, -1, y.shape[-1]).baddbmm_(h, B.transpose(1, 2), alpha=scaling)
+                num_members: int, slices: tuple[int, ...], num_slices: int) -> Tensor:
+        M, P, d, r = num_members, B.shape[1], B.shape[2], B.shape[3]
+        y = F.linear(x, weight, bias)                                      # (M*n, K*d)
+        h = torch.bmm(x.view(M, -1, x.shape[-1]), A.reshape(M, P * r, -1).transpose(1, 2))  # (M, n, P*r)
+        y_slices = y.view(M, -1, num_slices, d)                            # (M, n, K, d)
+        for p, k in enumerate(slices):
+            y_slices[:, :, k].baddbmm_(h[:, :, p * r:(p + 1) * r], B[:, p].transpose(1, 2), alpha=scaling)
         ctx.save_for_backward(x, weight, A, B, h)
-        ctx.scaling, ctx.num_members = scaling, M
+        ctx.scaling, ctx.num_members, ctx.slices, ctx.num_slices = scaling, M, slices, num_slices
         return y
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, A, B, h = ctx.saved_tensors
-        M, s = ctx.num_members, ctx.scaling
-        g3 = g.reshape(M, -1, g.shape[-1])                                 # (M, n, out)
-        g_h = torch.bmm(g3, B)                                             # (M, n, r)
+        M, s, P, d, r = ctx.num_members, ctx.scaling, B.shape[1], B.shape[2], B.shape[3]
+        g_slices = g.reshape(M, -1, ctx.num_slices, d)                     # (M, n, K, d)
+        g_h = torch.cat([torch.bmm(g_slices[:, :, k], B[:, p]) for p, k in enumerate(ctx.slices)], dim=-1)
+        dB = torch.stack([torch.bmm(g_slices[:, :, k].transpose(1, 2), h[:, :, p * r:(p + 1) * r])
+                          for p, k in enumerate(ctx.slices)], dim=1)       # (M, P, d, r)
         if s != 1.0:
-            g_h = g_h * s
-        dB = torch.bmm(g3.transpose(1, 2), h)                              # (M, out, r)
-        if s != 1.0:
-            dB = dB * s
-        dA = torch.bmm(g_h.transpose(1, 2), x.view(M, -1, x.shape[-1]))    # (M, r, in)
+            g_h, dB = g_h.mul_(s), dB.mul_(s)                              # g_h: (M, n, P*r)
+        xm = x.view(M, -1, x.shape[-1])
+        dA = torch.bmm(g_h.transpose(1, 2), xm).view(A.shape)              # (M, P, r, in)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.matmul(g, weight)                                   # the frozen layer's input gradient
-            dx.view(M, -1, dx.shape[-1]).baddbmm_(g_h, A)                  # + the members' share, in place
-        return dx, None, None, dA, dB, None, None
+            dx.view(M, -1, dx.shape[-1]).baddbmm_(g_h, A.reshape(M, P * r, -1))  # + the members' share, in place
+        return dx, None, None, dA, dB, None, None, None, None
 
 
 class LoraEnsembleFusedLinear(nn.Module):
@@ -245,6 +253,11 @@ class LoraEnsembleFusedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         M, P, r, d = self.num_members, len(self.parts), self.r, self.part_width
         _rows_per_member(x, M, type(self).__name__)
+        if _fused_training(self, x):                                   # same result, fewer full-size tensors
+            y = _LinearWithMemberDeltas.apply(x.reshape(-1, self.in_features), self.base_layer.weight,
+                                              self.base_layer.bias, self.lora_A, self.lora_B, self.scaling, M,
+                                              tuple(self.part_index), 3)
+            return y.view(*x.shape[:-1], self.out_features)
         y = _frozen_part(self.base_layer, x, M)                        # (M or 1, N, 3d)
         y = y.view(y.shape[0], -1, 3, d)                               # (M or 1, N, 3, d)
         h = self.lora_dropout(x).reshape(M, -1, self.in_features)      # (M, N, in)
