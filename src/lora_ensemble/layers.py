@@ -6,8 +6,13 @@ low-rank deltas run as batched matmuls over parameters stacked with leading dime
 
     y[m] = base(x[m]) + s * (dropout(x[m]) @ A[m]^T) @ B[m]^T        x[m]: (N, in), A: (M, r, in), B: (M, out, r)
 
-so the frozen weights exist once in memory and no Python loop runs over members. Without autograd
-(inference) the deltas are added into the frozen output in place, so y is not copied.
+so the frozen weights exist once in memory and no Python loop runs over members. Three fast paths give
+the same result (tested against the generic one):
+- inference (no autograd): the deltas are added into the frozen output in place, so y is not copied;
+- training with a plain frozen nn.Linear: `_LinearWithMemberDeltas` does the same in forward and adds the
+  members' input gradient into the frozen one in place in backward;
+- an input that repeats B rows member-major (the first adapted block of a shared trunk, `batch.repeat_source`):
+  the frozen matmul runs once on the B rows and the member deltas broadcast over it.
 """
 
 from __future__ import annotations
