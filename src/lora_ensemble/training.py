@@ -96,6 +96,7 @@ class EnsembleModule(L.LightningModule):
         if trunk_cache is not None and trunk_cache.ensemble is not method:
             raise ValueError("trunk_cache must cache the trunk of the method being trained")
         self.trunk_cache = trunk_cache
+        self._steps_before_batch = 0  # global_step when the current training batch started
 
     def on_fit_start(self) -> None:
         # Lightning keeps each submodule's mode; a Hugging Face model comes out of from_pretrained in eval
@@ -117,10 +118,18 @@ class EnsembleModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch[LABELS]))
         return loss
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._steps_before_batch = self.global_step
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning calls this after every micro-batch, with `global_step` already counting the optimizer step
+        # this batch completed, if any. The method's hook runs once per optimizer step, with the 0-based index
+        # t of the step just done: the t whose learning rate the LambdaLR schedule gave (lr_lambda(t)).
+        if self.global_step == self._steps_before_batch:
+            return  # gradients accumulated, no optimizer step
         hook = getattr(self.method, "on_train_batch_end", None)
         if callable(hook):
-            hook(self.global_step, self._total_steps())
+            hook(self.global_step - 1, self._total_steps())
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._collect("val", batch, dataloader_idx)

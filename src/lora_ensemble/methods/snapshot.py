@@ -66,7 +66,10 @@ class SnapshotEnsemble(nn.Module):
         return multiplier
 
     def on_train_batch_end(self, step: int, total_steps: int) -> None:
-        """After the optimizer step of 0-based step `step`: store snapshot c when `step` ends cycle c."""
+        """After the optimizer step of 0-based step `step`: store snapshot c when `step` ends cycle c.
+
+        `EnsembleModule` calls it once per optimizer step (not per micro-batch under gradient accumulation),
+        with the same `step` whose learning rate `lr_lambda(step)` gave."""
         ends = self.cycle_ends(total_steps)
         if step + 1 in ends:
             c = ends.index(step + 1)
