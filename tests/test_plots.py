@@ -71,3 +71,53 @@ def test_a_failed_plot_leaves_an_existing_file_untouched(tmp_path):
         plots.uncertainty_histogram([0.1, 0.2], [], tmp_path / "hist.png")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rel.png"]
+
+
+def calibrated_case(confidence: float, accuracy: float, n: int = 200, c: int = 4):
+    """Probabilities whose max is `confidence` for every sample, argmax right for a share `accuracy` of them."""
+    probs = np.full((n, c), (1.0 - confidence) / (c - 1))
+    probs[:, 0] = confidence
+    labels = np.zeros(n, dtype=int)
+    labels[int(round(accuracy * n)):] = 1
+    return probs, labels
+
+
+def drawn_figure(monkeypatch, tmp_path, probs, labels):
+    """The Figure that reliability_diagram hands to the PNG writer (and the PNG it wrote)."""
+    figures = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    out = plots.reliability_diagram(probs, labels, tmp_path / "rel.png")
+    assert_png(out)
+    return figures[0]
+
+
+def face_alpha(patch) -> float:
+    return 0.0 if not patch.get_fill() else float(patch.get_facecolor()[3])
+
+
+@pytest.mark.parametrize("confidence, accuracy", [(0.48, 0.85), (0.95, 0.60)], ids=["under-confident", "over-confident"])
+def test_reliability_diagram_accuracy_bar_is_the_bin_accuracy_and_stays_visible(monkeypatch, tmp_path, confidence,
+                                                                                 accuracy):
+    # A bin of accuracy 0.85 at confidence 0.48 must read as 0.85: the accuracy bar has that height and no
+    # filled patch (e.g. a coloured gap layer) is drawn over any part of it.
+    probs, labels = calibrated_case(confidence, accuracy)
+    ax = drawn_figure(monkeypatch, tmp_path, probs, labels).axes[0]
+    bars = next(c for c in ax.containers if c.get_label() == "accuracy")
+    assert len(bars.patches) == 1
+    bar = bars.patches[0]
+    assert bar.get_height() == pytest.approx(accuracy)
+    assert bar.get_x() < confidence <= bar.get_x() + bar.get_width()
+    assert face_alpha(bar) == 1.0
+    drawn = sorted(ax.patches, key=lambda p: p.get_zorder())  # stable: equal zorder keeps drawing order
+    box = bar.get_bbox()
+    for patch in drawn[drawn.index(bar) + 1:]:
+        other = patch.get_bbox()
+        overlap = min(box.xmax, other.xmax) - max(box.xmin, other.xmin) > 1e-9 and \
+            min(box.ymax, other.ymax) - max(box.ymin, other.ymin) > 1e-9
+        if overlap:
+            assert face_alpha(patch) == 0.0, f"{patch} is filled and covers the accuracy bar"
+    # the confidence is drawn too: some patch or line reaches the bin's confidence inside the bin
+    marks = [p for p in ax.patches if p is not bar and min(abs(p.get_bbox().ymin - confidence),
+                                                             abs(p.get_bbox().ymax - confidence)) < 1e-9]
+    assert marks, "nothing marks the bin's confidence"

@@ -49,24 +49,36 @@ def reliability_diagram(
     from_logits: bool = False,
 ) -> Path:
     """Reliability diagram of ``probs: (N, C)``: per-bin accuracy vs. confidence over equal-width bins ``(lo, hi]``,
-    the gap to the diagonal, and the per-bin sample counts below; the title carries the ECE."""
+    the gap between them, and the per-bin sample counts below; the title carries the ECE.
+
+    Accuracy is a filled bar of height ``acc_b``; the bin's mean confidence ``conf_b`` is a red line across the bin,
+    and the gap between them an outlined (unfilled) box, hatched where the bin is over-confident
+    (``conf_b > acc_b``, above the bar). Nothing filled is drawn over an accuracy bar, so an under-confident bin
+    still reads as its accuracy."""
     bins = metrics.calibration_bins(probs, labels, n_bins, from_logits=from_logits)
     ece = metrics.expected_calibration_error(probs, labels, n_bins, from_logits=from_logits)
     lower, width = bins.lower.cpu().numpy(), (bins.upper - bins.lower).cpu().numpy()
     count = bins.count.cpu().numpy()
     acc, conf = bins.accuracy.cpu().numpy(), bins.confidence.cpu().numpy()
     filled = count > 0
+    over = filled & (conf > acc)
+    under = filled & (conf < acc)
 
     fig = Figure(figsize=(5.0, 6.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax, ax_count = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.bar(lower[filled], acc[filled], width=width[filled], align="edge", color="tab:blue", edgecolor="black",
-           label="accuracy")
-    ax.bar(lower[filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled], align="edge",
-           color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//", label="gap to confidence")
+           zorder=2, label="accuracy")
+    ax.bar(lower[over], (conf - acc)[over], bottom=acc[over], width=width[over], align="edge", fill=False,
+           edgecolor="tab:red", hatch="//", linewidth=1.0, zorder=3, label="gap (over-confident)" if over.any() else "_nolegend_")
+    ax.bar(lower[under], (acc - conf)[under], bottom=conf[under], width=width[under], align="edge", fill=False,
+           edgecolor="tab:red", linestyle="--", linewidth=1.5, zorder=3,
+           label="gap (under-confident)" if under.any() else "_nolegend_")
+    ax.hlines(conf[filled], lower[filled], (lower + width)[filled], colors="tab:red", linewidth=2.0, zorder=4,
+              label="mean confidence")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
-    ax.legend(loc="upper left")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8)  # off the bars
     ax.set_title(f"{title + ' — ' if title else 'Reliability diagram — '}ECE = {ece:.4f}")
     ax_count.bar(lower, count, width=width, align="edge", color="gray", edgecolor="black")
     for x, w, c in zip(lower[filled], width[filled], count[filled]):
