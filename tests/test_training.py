@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lora_ensemble.run_config import parse_run_config
 from lora_ensemble.runner import fit, load_run
-from lora_ensemble.training import EpochShuffleSampler, member_cross_entropy, warmup_cosine
+from lora_ensemble.training import EpochShuffleSampler, EvaluationSampler, member_cross_entropy, warmup_cosine
 
 TINY_RUN = {
     "seed": 0,
@@ -62,6 +62,15 @@ def test_shuffle_order_depends_on_seed_and_epoch_only_and_ddp_ranks_split_it():
     assert list(a) != list(b)
     ranks = [list(EpochShuffleSampler(10, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 5 and sorted(ranks[0] + ranks[1]) == list(range(10))
+
+
+def test_evaluation_shards_hold_every_sample_once_in_dataset_order():
+    shards = [list(EvaluationSampler(5, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert shards == [[0, 1], [2, 3, 4]]
+    assert [len(EvaluationSampler(5, num_replicas=2, rank=r)) for r in (0, 1)] == [2, 3]
+    assert list(EvaluationSampler(5)) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="split of 1 sample.*cannot be shared by 2 processes"):
+        EvaluationSampler(1, num_replicas=2, rank=1)
 
 
 def test_fit_writes_a_run_folder_with_trainable_tensors_only(tmp_path):
@@ -110,21 +119,56 @@ def test_temperature_scaling_is_fitted_on_validation_and_saved(tmp_path):
     assert load_run(str(tmp_path)).module.temperature == pytest.approx(results["temperature"])
 
 
+DDP_SCRIPT = """
+import sys
+import torch, yaml
+from lora_ensemble.run_config import parse_run_config
+from lora_ensemble.runner import fit
+
+results, run = fit(parse_run_config(yaml.safe_load(open(sys.argv[1]))), sys.argv[2])
+outputs = {stage: run.module.last_outputs[stage] for stage in ("val", "test")}
+torch.save(outputs, f"{sys.argv[2]}/gathered-rank{run.module.global_rank}.pt")
+"""
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo DDP on CPU")
-def test_ddp_fit_on_two_cpu_processes_with_gloo_and_load_the_result(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY_RUN))
-    exe = Path(sys.executable).with_name("lora-ensemble")
+def test_ddp_fit_on_two_cpu_processes_evaluates_every_sample_once_like_one_process(tmp_path):
+    # odd split sizes: 5 val/test samples on 2 processes are 3 + 2 (a padded sampler repeats one of them)
+    raw = json.loads(json.dumps(TINY_RUN))
+    raw["data"].update(val_size=5, test_size=5, ood_size=3, eval_batch_size=2)
+    raw["training"].update(devices=2, strategy="ddp")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "ddp_fit.py").write_text(DDP_SCRIPT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PL_DISABLE_FORK": "1"}
-    proc = subprocess.run([str(exe), "fit", "--config", str(config), "--output-dir", str(tmp_path / "run"),
-                           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, str(tmp_path / "ddp_fit.py"), str(tmp_path / "tiny.yaml"),
+                           str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "world_size: 2" in proc.stderr or "distributed_backend=gloo" in proc.stderr
+    assert "distributed_backend=gloo" in proc.stderr and "All distributed processes registered" in proc.stderr
+    gathered = [torch.load(tmp_path / "run" / f"gathered-rank{r}.pt") for r in (0, 1)]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert 0.0 <= results["metrics"]["acc"] <= 1.0
-    run = load_run(str(tmp_path / "run"))
-    assert run.module.method.num_members == 2
+
+    # the same weights evaluated in one process, in dataset order
+    from lora_ensemble.runner import make_trainer, test
+
+    run = load_run(str(tmp_path / "run"), ["training.devices=1", "training.strategy=auto"])
+    single = test(run, make_trainer(run.config, None))
+    make_trainer(run.config, None).validate(run.module, run.loader("val"), verbose=False)
+    assert run.module.last_outputs["val"][2] is None
+    assert run.module.last_outputs["test"][2].shape == (2, 3, 4)  # 3 OOD samples, 2 members, 4 classes
+    for stage in ("val", "test"):
+        logits, labels, ood = run.module.last_outputs[stage]
+        assert logits.shape == (2, 5, 4)
+        assert torch.equal(labels, torch.as_tensor(run.splits.split(stage).labels))  # dataset order
+        for rank in (0, 1):  # every process holds all samples, each once, in dataset order
+            ddp_logits, ddp_labels, ddp_ood = gathered[rank][stage]
+            assert torch.equal(ddp_labels, labels), (stage, rank)
+            torch.testing.assert_close(ddp_logits, logits, atol=1e-5, rtol=1e-4)
+            assert (ddp_ood is None) == (ood is None)
+            if ood is not None:
+                torch.testing.assert_close(ddp_ood, ood, atol=1e-5, rtol=1e-4)
+    assert results["metrics"].keys() == single["metrics"].keys()
+    for key, value in single["metrics"].items():
+        assert results["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 def test_fit_trains_in_training_mode_even_when_the_model_arrives_in_eval_mode(tmp_path):

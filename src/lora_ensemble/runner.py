@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from .config import atomic_write_bytes
 from .data import DatasetSplits, load_dataset
@@ -30,8 +30,8 @@ from .metrics import fit_temperature
 from .models import build_model
 from .run_config import ConfigError, RunConfig, load_run_config
 from .ensemble import LoraEnsemble
-from .training import (AtomicCheckpointIO, EnsembleModule, EpochShuffleSampler, EpochTimer, IndexedDataset,
-                       WithSampleIds)
+from .training import (AtomicCheckpointIO, EnsembleModule, EpochShuffleSampler, EpochTimer, EvaluationSampler,
+                       IndexedDataset, WithSampleIds)
 from .trunk import TrunkCache
 
 CONFIG_FILE = "run_config.yaml"
@@ -52,8 +52,14 @@ class Run:
         if dataset is None or len(dataset) == 0:
             return None
         d = self.config.data
-        sampler = EpochShuffleSampler(len(dataset), seed=self.config.seed, shuffle=shuffle, num_replicas=world_size,
-                                      rank=rank)
+        if split == "train":  # padded under DDP: every process runs the same number of steps
+            sampler: Sampler[int] = EpochShuffleSampler(len(dataset), seed=self.config.seed, shuffle=shuffle,
+                                                        num_replicas=world_size, rank=rank)
+        else:  # every sample exactly once across the processes, gathered back in dataset order
+            try:
+                sampler = EvaluationSampler(len(dataset), num_replicas=world_size, rank=rank)
+            except ValueError as e:
+                raise ConfigError(f"data: the {split} split: {e}") from None
         batch_size = d.batch_size if shuffle else (d.eval_batch_size or d.batch_size)
         collate = self.collate
         if split == "train" and self.module.trunk_cache is not None:  # batches name their samples for the cache

@@ -74,6 +74,9 @@ class EnsembleModule(L.LightningModule):
     Validation/test on dataloader 0 are in-distribution;
     a second test dataloader is treated as out-of-distribution (its labels are ignored) and adds the
     `ood/*` metrics. Logged keys are `val/<metric>` and `test/<metric>` with the keys of `evaluate`.
+    Under DDP the predictions of all processes are gathered before the metrics are computed; with evaluation
+    loaders on `EvaluationSampler` (as `Run.loader` builds them), `last_outputs` then holds every sample
+    exactly once, in dataset order.
     """
 
     def __init__(self, method: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
@@ -163,12 +166,20 @@ class EnsembleModule(L.LightningModule):
         self.log(f"{stage}/acc_", metrics["acc"], prog_bar=True, rank_zero_only=True)
 
     def all_gather_cat(self, parts: list[Tensor], dim: int) -> Tensor:
-        """Concatenate this process's parts; under DDP, gather every process's (equal-sized) parts first."""
+        """This process's parts concatenated along `dim`; under DDP, every process's, in rank order.
+
+        Processes may hold different numbers of rows n_r along `dim` (evaluation shards are not padded, see
+        `EvaluationSampler`): the counts are gathered first, every process pads its rows to max_r n_r, and
+        each process's padding is cut off again after the gather."""
         local = torch.cat(parts, dim=dim)
         if self.trainer.world_size <= 1:
             return local
-        gathered = self.all_gather(local.to(self.device))          # (world, ...)
-        return torch.cat(list(gathered.cpu()), dim=dim)
+        counts = self.all_gather(torch.tensor([local.shape[dim]], device=self.device)).view(-1).tolist()
+        padding = list(local.shape)
+        padding[dim] = max(counts) - local.shape[dim]
+        padded = torch.cat([local, local.new_zeros(padding)], dim=dim)
+        gathered = self.all_gather(padded.to(self.device)).cpu()                    # (world, ..., max n_r, ...)
+        return torch.cat([g.narrow(dim, 0, n) for g, n in zip(gathered, counts)], dim=dim)
 
     # ---- optimisation -------------------------------------------------------------------------------
     def _total_steps(self) -> int:
@@ -275,7 +286,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class EpochShuffleSampler(Sampler[int]):
     """Shuffles with a permutation drawn from (seed, epoch) alone, so a resumed run sees the same order
     as an uninterrupted one. Lightning calls `set_epoch` before every epoch. Under DDP each of the
-    `num_replicas` processes takes every num_replicas-th index (padded to equal length)."""
+    `num_replicas` processes takes every num_replicas-th index, padded to equal length by repeating the first
+    indices (every process must run the same number of training steps). For training only: evaluation uses
+    `EvaluationSampler`, which counts every sample once."""
 
     def __init__(self, length: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
         self.length, self.seed, self.shuffle = length, seed, shuffle
@@ -295,3 +308,23 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return math.ceil(self.length / self.num_replicas)
+
+
+class EvaluationSampler(Sampler[int]):
+    """Evaluation order without padding: process r of W takes the contiguous block [r N // W, (r+1) N // W)
+    of the N samples, in order (blocks differ in length by at most one). Concatenating the blocks in rank
+    order, as `EnsembleModule.all_gather_cat` does, gives every sample exactly once, in dataset order."""
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in 0..{num_replicas - 1} for num_replicas={num_replicas}, got {rank}")
+        if length < num_replicas:
+            raise ValueError(f"an evaluation split of {length} sample(s) cannot be shared by {num_replicas} "
+                             f"processes (each needs at least one); use at least {num_replicas} samples or fewer devices")
+        self.start, self.stop = rank * length // num_replicas, (rank + 1) * length // num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
