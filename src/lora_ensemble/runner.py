@@ -153,6 +153,11 @@ def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int |
     if config.training.temperature_scaling:
         calibrate(run, trainer)
     results = test(run, trainer)
+    from .diagnostics import collapse_warning  # one line on stderr when the predictions are all one class
+
+    logits, labels, _ = run.module.last_outputs["test"]
+    results["prediction_collapse"] = collapse_warning(logits, labels, run.splits.class_names,
+                                                      warn=trainer.is_global_zero)
     timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
     results.update(train_time_s=train_time, train_epoch_times_s=timer.epoch_times_s,
                    **parameter_counts(run.module.method))
