@@ -187,16 +187,21 @@ def test_the_first_adapted_block_runs_its_frozen_projections_of_the_block_input_
 
 
 def test_a_repeated_input_changed_in_place_is_not_taken_for_its_source():
-    from lora_ensemble.batch import repeat_batch, repeat_source
+    from lora_ensemble.batch import RowContract, repeat_batch
 
+    contract = RowContract(3)
     x = torch.randn(2, 3)
-    (rep,), _ = repeat_batch((x,), {}, 2, 3)
-    assert repeat_source(rep) is x
+    (rep,), _ = repeat_batch((x,), {}, 2, 3, contract=contract)
+    assert contract.repeat_source(rep) is x
+    assert contract.repeat_source(rep.clone()) is None             # only the marked tensor itself
     rep.add_(1)
-    assert repeat_source(rep) is None
-    (rep,), _ = repeat_batch((x,), {}, 2, 3)
+    assert contract.repeat_source(rep) is None
+    (rep,), _ = repeat_batch((x,), {}, 2, 3, contract=contract)
     x.mul_(2)
-    assert repeat_source(rep) is None
-    with torch.inference_mode():
-        (rep,), _ = repeat_batch((torch.randn(2, 3),), {}, 2, 3)
-    assert repeat_source(rep) is None
+    assert contract.repeat_source(rep) is None
+    (rep,), _ = repeat_batch((torch.randn(2, 3),), {}, 2, 3, contract=contract)
+    contract.close()                                                # the marks live for one forward only
+    assert contract.repeat_source(rep) is None
+    with torch.inference_mode():                                    # no version counters: never shared
+        (rep,), _ = repeat_batch((torch.randn(2, 3),), {}, 2, 3, contract=contract)
+        assert contract.repeat_source(rep) is None

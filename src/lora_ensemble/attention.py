@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batch import MemberModule
 from .layers import InProjection, LoraEnsembleFusedLinear, LoraEnsembleLinear
 
 
@@ -44,7 +45,7 @@ def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
-class LoraEnsembleMultiheadAttention(nn.Module):
+class LoraEnsembleMultiheadAttention(MemberModule):
     """Self-attention of a frozen nn.MultiheadAttention with ensemble adapters on the chosen q/k/v
     slices of its in-projection and, optionally, on its out-projection."""
 
@@ -54,11 +55,20 @@ class LoraEnsembleMultiheadAttention(nn.Module):
         self.embed_dim, self.num_heads = mha.embed_dim, mha.num_heads
         self.batch_first, self.attn_dropout = mha.batch_first, mha.dropout
         self.num_members = num_members
+        self.member_axis = 0 if mha.batch_first else 1       # its projections below get (N, T, E): axis 0
         in_proj: nn.Module = InProjection(mha.in_proj_weight, mha.in_proj_bias)
         if parts:
             in_proj = LoraEnsembleFusedLinear(in_proj, parts, num_members, r, scaling, dropout)
         self.in_proj = in_proj
         self.out_proj = LoraEnsembleLinear(mha.out_proj, num_members, r, scaling, dropout) if adapt_out else mha.out_proj
+
+    _qkv_same_embed_dim = True  # read by torch's Transformer fast-path checks; check_supported ensures it
+
+    @property
+    def in_proj_bias(self) -> Tensor | None:
+        """The frozen in-projection bias, under nn.MultiheadAttention's name (torch's fast-path checks read it)."""
+        base = self.in_proj.base_layer if isinstance(self.in_proj, LoraEnsembleFusedLinear) else self.in_proj
+        return base.bias
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
@@ -68,6 +78,7 @@ class LoraEnsembleMultiheadAttention(nn.Module):
                 "LoRA-Ensemble adapts nn.MultiheadAttention for self-attention only (query is key is value); "
                 "leave cross-attention modules out of target_modules"
             )
+        self.check_rows(query)
         x = query if self.batch_first else query.transpose(0, 1)             # (N, T, E)
         N, T, E = x.shape
         H = self.num_heads
@@ -116,3 +127,23 @@ class LoraEnsembleMultiheadAttention(nn.Module):
             if out_proj.bias is not None:
                 mha.out_proj.bias.copy_(out_proj.bias)
         return mha
+
+
+def _fast_path_off(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing: torch's Transformer layers skip their fused fast path (which
+    reads the frozen weights directly and would bypass the adapters) when a module has hooks."""
+    return None
+
+
+def disable_transformer_fast_paths(model: nn.Module, member_module_names: list[str]) -> None:
+    """Make the torch nn.TransformerEncoder / nn.Transformer*Layer blocks that hold member modules take their
+    ordinary path, which calls the (adapted) submodules: no nested-tensor conversion, no fused kernel."""
+    for name, module in model.named_modules():
+        holds = any(n.startswith(name + ".") for n in member_module_names) if name else bool(member_module_names)
+        if not holds:
+            continue
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            if _fast_path_off not in module._forward_pre_hooks.values():
+                module.register_forward_pre_hook(_fast_path_off)

@@ -1,7 +1,20 @@
-"""Member-major batches: member m owns rows m*B .. (m+1)*B-1 of every batched tensor (M*B rows in all).
+"""Member-major batches and the row contract that every member-aware module checks.
+
+Member m owns rows m*B .. (m+1)*B-1 of every batched tensor (M*B rows in all).
 
     expand_batch(args, kwargs, M) -> (B, args', kwargs')      every tensor with leading dimension B repeated M times
     output_tensor(model_output)    -> the prediction tensor     (a tensor, `.logits`, or the first of a tuple)
+
+The row contract. The owner of member-aware modules (`LoraEnsemble`, `BatchEnsemble`) knows the batch size B of
+the call it is running; it opens its `RowContract` for that call (`contract.open(M * B)` ... `contract.close()`).
+Every `MemberModule` inside then checks that its input has exactly M*B rows along its member axis (dimension 0,
+or 1 for a layer inside a sequence-first `nn.Transformer*` block) and raises a ValueError naming the module
+otherwise, so members can never be mixed silently. Outside an open contract (a layer called on its own, or the
+recomputation of a gradient-checkpointed block during backward) only divisibility by M can be checked.
+
+The shared trunk marks its repeat point explicitly: `contract.mark_repeat(repeated, source)` says that tensor
+`repeated` (M*B rows) is `source` (B rows) repeated member-major, and adapted layers that receive exactly that
+tensor run their frozen matmul once on `source` (`contract.repeat_source(x)`).
 """
 
 from __future__ import annotations
@@ -9,9 +22,91 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
-REPEAT_OF = "_lora_ensemble_repeat_of"  # attribute of a repeated tensor: (source, source version, own version)
+
+class RowContract:
+    """The number of rows every member-aware module of one owner receives during the owner's forward.
+
+    rows: M*B while a forward runs, None otherwise. One contract per owner; its modules hold a reference.
+    """
+
+    def __init__(self, num_members: int):
+        self.num_members = num_members
+        self.rows: int | None = None
+        self._repeats: list[tuple[Tensor, Tensor, int | None, int | None]] = []
+
+    def open(self, rows: int, owner: str = "LoraEnsemble") -> None:
+        if self.rows is not None:
+            raise RuntimeError(
+                f"{owner}'s forward was entered again before the previous call returned (a re-entrant call, or the "
+                "same model run from several threads, as nn.DataParallel does); run one forward at a time per "
+                "ensemble, e.g. one process per device with DistributedDataParallel"
+            )
+        self.rows = rows
+
+    def close(self) -> None:
+        self.rows = None
+        self._repeats.clear()
+
+    def mark_repeat(self, repeated: Tensor, source: Tensor) -> None:
+        """`repeated` is `source` repeated member-major (M*B vs B rows), as just made by `repeat_batch`."""
+        if repeated.is_inference() or source.is_inference():
+            return  # no version counters to prove that neither is changed in place later: never share
+        self._repeats.append((repeated, source, repeated._version, source._version))
+
+    def repeat_source(self, x: Tensor) -> Tensor | None:
+        """The B-row tensor that `x` repeats, when `x` is a tensor marked by `mark_repeat` and neither it nor
+        its source has been modified in place since; else None."""
+        for repeated, source, version, source_version in self._repeats:
+            if x is repeated:
+                return source if x._version == version and source._version == source_version else None
+        return None
+
+
+class MemberModule(nn.Module):
+    """Base class of every module that holds per-member parameters stacked with leading dimension M and
+    receives member-major rows: the adapted layers, the stacked heads, BatchEnsemble's layers.
+
+    num_members: M. member_axis: the dimension that holds the M*B rows (0; 1 for sequence-first layouts).
+    row_contract / member_name: set by the owner when it injects the module (None / '' for a module used alone).
+    """
+
+    num_members: int
+    member_axis: int = 0
+    folds_batch: bool = False   # inside window attention: K*M*B rows (see check_rows)
+    row_contract: RowContract | None = None
+    member_name: str = ""
+
+    def check_rows(self, x: Tensor) -> int:
+        """N = the rows per member of input x (M*N rows along `member_axis`); ValueError naming this module if
+        x has another number of rows than the open row contract says (or, outside one, not a multiple of M).
+
+        A module with `folds_batch` (inside Swin's window attention, which folds the windows of each sample
+        into the batch sample by sample: (B, nW, ...) -> (B*nW, ...), keeping member-major order) accepts any
+        multiple K*M*B of the contract's rows."""
+        M, axis = self.num_members, self.member_axis
+        where = f"{type(self).__name__} {self.member_name!r}" if self.member_name else type(self).__name__
+        if x.dim() <= axis:
+            raise ValueError(f"{where} received a tensor of shape {tuple(x.shape)}, which has no member axis "
+                             f"(dimension {axis})")
+        rows = x.shape[axis]
+        contract = self.row_contract
+        expected = contract.rows if contract is not None else None
+        if expected is not None and rows != expected and not (self.folds_batch and rows % expected == 0):
+            raise ValueError(
+                f"{where} received {rows} rows along dimension {axis} (input shape {tuple(x.shape)}), but this "
+                f"forward gives every member-aware module {M} members x batch {expected // M} = {expected} rows. "
+                "Its members would be mixed: the module sees a tensor whose batch is not on dimension "
+                f"{axis} (e.g. a sequence-first layout), or the model reshapes the batch. Leave this module out "
+                "of target_modules (or head=), or make the model keep the batch on dimension 0"
+            )
+        if rows % M:
+            raise ValueError(
+                f"{where} received {rows} rows along dimension {axis}, not a multiple of num_members={M}; "
+                "call the model through its ensemble, which repeats the batch member-major"
+            )
+        return rows // M
 
 
 def expand_batch(args: tuple, kwargs: dict, num_members: int) -> tuple[int, tuple, dict]:
@@ -35,10 +130,11 @@ def batch_size_of(args: tuple, kwargs: dict) -> tuple[str, int]:
 
 
 def repeat_batch(args: tuple, kwargs: dict, batch_size: int, num_members: int, strict: bool = True,
-                 source: str = "the first input") -> tuple[tuple, dict]:
+                 source: str = "the first input", contract: RowContract | None = None) -> tuple[tuple, dict]:
     """`x.repeat(M, 1, ...)` for every tensor with leading dimension `batch_size`; with `strict`, any
     other leading dimension but 1 is a ValueError naming `source` (where the batch size came from), else
-    such tensors pass unchanged."""
+    such tensors pass unchanged. With `contract`, every repeated tensor is marked as a repeat of its source
+    (`RowContract.mark_repeat`)."""
 
     def repeat(x: Any, name: str) -> Any:
         if isinstance(x, Tensor):
@@ -52,8 +148,8 @@ def repeat_batch(args: tuple, kwargs: dict, batch_size: int, num_members: int, s
                     f"{batch_size}; every batched input must have the same batch size"
                 )
             repeated = x.repeat(num_members, *([1] * (x.dim() - 1)))
-            if not x.is_inference():  # inference tensors keep no version counter to check against
-                setattr(repeated, REPEAT_OF, (x, x._version, repeated._version))
+            if contract is not None:
+                contract.mark_repeat(repeated, x)
             return repeated
         if isinstance(x, Mapping):
             return type(x)({k: repeat(v, f"{name}[{k!r}]") for k, v in x.items()}) if isinstance(x, dict) else x
@@ -64,17 +160,6 @@ def repeat_batch(args: tuple, kwargs: dict, batch_size: int, num_members: int, s
     args = tuple(repeat(a, f"argument {i}") for i, a in enumerate(args))
     kwargs = {k: repeat(v, repr(k)) for k, v in kwargs.items()}
     return args, kwargs
-
-
-def repeat_source(x: Tensor) -> Tensor | None:
-    """The B-row tensor that `x` (M*B rows) repeats member-major, when `repeat_batch` made `x` and neither
-    tensor has been modified in place since; else None. Adapted layers use it to run their frozen part once
-    on B rows where every member's input is the same (the first adapted block of a shared trunk)."""
-    mark = getattr(x, REPEAT_OF, None)
-    if mark is None:
-        return None
-    source, source_version, version = mark
-    return source if source._version == source_version and x._version == version else None
 
 
 def _first_tensor(x: Any, name: str) -> tuple[str, int] | None:

@@ -6,14 +6,18 @@
 Member m owns rows m*B .. (m+1)*B-1 of every tensor argument whose leading dimension is the batch
 size B; each adapted layer runs the shared frozen weight once over all M*B rows and adds member m's
 low-rank delta to member m's rows (see `layers.py`); per-member heads do the same (see `heads.py`).
+During a forward the ensemble's row contract says how many rows that is (M*B), and every member-aware
+module checks that it receives exactly that many (see `batch.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,10 +26,10 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
-from .attention import LoraEnsembleMultiheadAttention, check_supported
+from .attention import LoraEnsembleMultiheadAttention, check_supported, disable_transformer_fast_paths
 from .config import CONFIG_NAME, LoraEnsembleConfig, atomic_write_bytes
-from .heads import STACKED_HEAD_TYPES, member_head, stack_head
-from .batch import expand_batch, output_tensor
+from .heads import member_head, stack_head
+from .batch import MemberModule, RowContract, batch_size_of, output_tensor, repeat_batch
 from .layers import LoraEnsembleFusedLinear, LoraEnsembleLinear, init_lora_A
 from .targets import block_names, find_heads, find_targets
 from .trunk import shared_trunk_forward
@@ -56,7 +60,7 @@ class LoraEnsemble(nn.Module):
             config = config.replace(**config_fields)
         if not isinstance(model, nn.Module):
             raise TypeError(f"LoraEnsemble wraps an nn.Module, got {type(model).__name__}")
-        if any(isinstance(m, ADAPTER_TYPES + STACKED_HEAD_TYPES) for m in model.modules()):
+        if any(isinstance(m, MemberModule) for m in model.modules()):
             raise ValueError("this model already carries LoRA-Ensemble adapters; wrap a fresh model")
         self.config = config
         self.base_fingerprint = fingerprint(model)
@@ -87,7 +91,12 @@ class LoraEnsemble(nn.Module):
         self.model = model
         self.target_names = [t.name for t in targets]
         self.head_names = heads
+        self.row_contract = RowContract(M)
+        sequence_first = bind_member_modules(model, self.row_contract)
         self.trunk_end = None  # with config.share_trunk: the first adapted block and every block after it
+        if config.share_trunk and sequence_first:
+            raise ValueError(f"share_trunk does not support sequence-first blocks ({sequence_first[0]!r} has "
+                             "batch_first=False); use share_trunk=False")
         if config.share_trunk:
             first = min((t for t in targets if t.block is not None), key=lambda t: t.block, default=None)
             if first is None:
@@ -103,11 +112,23 @@ class LoraEnsemble(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """Run all members on one batch: inputs as for `model`, output (M, B, ...)."""
         M = self.num_members
-        if self.trunk_end is None or M == 1:
-            batch_size, args, kwargs = expand_batch(args, kwargs, M)
-            output = output_tensor(self.model(*args, **kwargs))
-        else:  # shared trunk: inputs stay B rows until the first adapted block (see trunk.py)
-            batch_size, output = shared_trunk_forward(self.model, self.trunk_end, M, args, kwargs)
+        source, batch_size = batch_size_of(args, kwargs)
+        self.row_contract.open(M * batch_size)
+        try:
+            if self.trunk_end is None or M == 1:
+                args, kwargs = repeat_batch(args, kwargs, batch_size, M, source=source)
+                output = output_tensor(self.model(*args, **kwargs))
+            else:  # shared trunk: inputs stay B rows until the first adapted block (see trunk.py)
+                output = shared_trunk_forward(self.model, self.trunk_end, M, batch_size, args, kwargs,
+                                              self.row_contract)
+        finally:
+            self.row_contract.close()
+        if output.shape[0] != M * batch_size and self.trunk_end is not None and output.shape[0] == batch_size:
+            raise ValueError(
+                f"share_trunk: the model returned {batch_size} rows, not {M} members x batch {batch_size}: it "
+                "combines the blocks' output with its original inputs (e.g. sequence classification that pools at "
+                "the last non-padding token of input_ids, as Llama's does); use share_trunk=False for this model"
+            )
         if output.shape[0] != M * batch_size:
             raise ValueError(
                 f"the model returned {output.shape[0]} rows for {M} members x batch {batch_size}; LoraEnsemble "
@@ -118,7 +139,7 @@ class LoraEnsemble(nn.Module):
     # ---- members ------------------------------------------------------------------------------------
     def member_parameters(self) -> dict[str, nn.Parameter]:
         """The per-member (trainable) parameters, by name inside `model`; each stacked with leading dim M."""
-        owners = [n for n, m in self.model.named_modules() if isinstance(m, ADAPTER_TYPES + STACKED_HEAD_TYPES)]
+        owners = [n for n, m in self.model.named_modules() if isinstance(m, MemberModule)]
         result = {}
         for name, param in self.model.named_parameters():
             if any(name.startswith(o + ".") for o in owners) and param.requires_grad:
@@ -131,9 +152,11 @@ class LoraEnsemble(nn.Module):
         if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m < self.num_members:
             raise IndexError(f"member index must be an integer in 0..{self.num_members - 1}, got {m!r}")
         standalone = copy.deepcopy(self.model)
-        for name in self.head_names:
-            set_submodule(standalone, name, member_head(standalone.get_submodule(name), m))
-        _merge_adapters(standalone, m)
+        dtype = frozen_dtype(standalone)
+        with torch.no_grad(), _no_autocast():  # merge in the parameters' own precision, whatever the caller's
+            for name in self.head_names:
+                set_submodule(standalone, name, member_head(standalone.get_submodule(name), m, dtype))
+            _merge_adapters(standalone, m)
         standalone.requires_grad_(True)
         return standalone
 
@@ -194,6 +217,60 @@ class LoraEnsemble(nn.Module):
 
 
 # ---- module surgery --------------------------------------------------------------------------------
+SEQUENCE_FIRST_TYPES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Transformer)
+WINDOW_ATTENTION = re.compile(r"Swin|WindowAttention|WindowMultiHeadAttention")  # timm and HF Swin (v1, v2)
+
+
+def bind_member_modules(model: nn.Module, contract: RowContract) -> list[str]:
+    """Give every MemberModule of `model` the owner's row contract, its name, and its member axis: 1 inside a
+    sequence-first torch Transformer block (batch_first=False: tensors (T, N, E)), else 0. Returns the names
+    of the sequence-first blocks that hold member modules."""
+    modules = dict(model.named_modules())
+    sequence_first = []
+    for name, module in modules.items():
+        if not isinstance(module, MemberModule):
+            continue
+        module.row_contract, module.member_name = contract, name
+        parts = name.split(".")
+        ancestors = [modules[".".join(parts[:i])] for i in range(len(parts) - 1, 0, -1)] + [model]
+        module.folds_batch = any(WINDOW_ATTENTION.search(type(a).__name__) for a in ancestors)
+        if any(isinstance(a, LoraEnsembleMultiheadAttention) for a in ancestors):
+            continue  # its projections receive (N, T, E): it transposes a sequence-first input itself
+        if isinstance(module, LoraEnsembleMultiheadAttention):
+            continue  # member_axis follows its own batch_first
+        layout = next((a for a in ancestors if isinstance(a, SEQUENCE_FIRST_TYPES)), None)
+        if layout is not None and not _batch_first(layout):
+            module.member_axis = 1
+            block = next(n for n, mod in modules.items() if mod is layout)
+            if block not in sequence_first:
+                sequence_first.append(block)
+    disable_transformer_fast_paths(model, [n for n, m in modules.items() if isinstance(m, MemberModule)])
+    return sequence_first
+
+
+def _batch_first(layer: nn.Module) -> bool:
+    """nn.Transformer keeps `batch_first`; its encoder/decoder layers keep it on their self-attention."""
+    if isinstance(layer, nn.Transformer):
+        return layer.batch_first
+    return layer.self_attn.batch_first
+
+
+def _no_autocast() -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
+
+
+def frozen_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype that most frozen parameters of `model` have (None if there are none)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point() and not p.requires_grad:
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else None
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -6,7 +6,9 @@ A head receives member-major rows (M*B, ..., in); member m's rows go through mem
     StackedLayerNorm:  y[m] = LN(x[m]) * g[m] + beta[m]     g, beta: (M, D)
 
 `stack_head` turns any head built of nn.Linear, nn.LayerNorm and parameter-free modules (activations,
-dropout, pooling) into its M-member version, e.g. RoBERTa's dense -> tanh -> out_proj head.
+dropout, pooling) into its M-member version, e.g. RoBERTa's dense -> tanh -> out_proj head. Like the adapters,
+stacked heads keep float32 parameters on a half-precision model (`layers.adapter_dtype`) and check the rows they
+receive against their owner's row contract (`batch.MemberModule`).
 """
 
 from __future__ import annotations
@@ -18,17 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _split_members(x: Tensor, num_members: int, where: str) -> Tensor:
-    if x.shape[0] % num_members:
-        raise ValueError(
-            f"{where} received {x.shape[0]} rows, not a multiple of num_members={num_members}; "
-            "call the model through LoraEnsemble, which repeats the batch member-major"
-        )
-    return x.reshape(num_members, -1, x.shape[-1])
+from .batch import MemberModule
+from .layers import adapter_dtype
 
 
-class StackedLinear(nn.Module):
+class StackedLinear(MemberModule):
     """M linear layers in one: weight (M, out, in), bias (M, out) or None."""
 
     def __init__(self, num_members: int, in_features: int, out_features: int, bias: bool = True,
@@ -44,7 +40,7 @@ class StackedLinear(nn.Module):
         nn.Linear.reset_parameters does (U(-1/sqrt(in), 1/sqrt(in)) for weight and bias)."""
         w = linear.weight
         head = cls(num_members, linear.in_features, linear.out_features, linear.bias is not None,
-                   device=w.device, dtype=w.dtype)
+                   device=w.device, dtype=adapter_dtype(w.dtype))
         with torch.no_grad():
             if init == "copy":
                 head.weight.copy_(w.detach().expand_as(head.weight))
@@ -58,7 +54,8 @@ class StackedLinear(nn.Module):
         return head
 
     def forward(self, x: Tensor) -> Tensor:
-        h = _split_members(x, self.num_members, "StackedLinear")              # (M, N, in)
+        self.check_rows(x)
+        h = x.reshape(self.num_members, -1, x.shape[-1])                      # (M, N, in)
         w = self.weight.to(h.dtype).transpose(1, 2)                            # (M, in, out)
         if self.bias is None:
             y = torch.bmm(h, w)
@@ -81,7 +78,7 @@ class StackedLinear(nn.Module):
         return f"num_members={self.num_members}, in_features={self.in_features}, out_features={self.out_features}"
 
 
-class StackedLayerNorm(nn.Module):
+class StackedLayerNorm(MemberModule):
     """M LayerNorms over the last dimension D in one: weight, bias (M, D)."""
 
     def __init__(self, layer_norm: nn.LayerNorm, num_members: int):
@@ -92,13 +89,16 @@ class StackedLayerNorm(nn.Module):
         self.dim = layer_norm.normalized_shape[0]
         self.weight = self.bias = None
         if layer_norm.weight is not None:
-            self.weight = nn.Parameter(layer_norm.weight.detach().clone().expand(num_members, -1).contiguous())
+            w = layer_norm.weight.detach()
+            self.weight = nn.Parameter(w.to(adapter_dtype(w.dtype)).expand(num_members, -1).contiguous())
         if getattr(layer_norm, "bias", None) is not None:
-            self.bias = nn.Parameter(layer_norm.bias.detach().clone().expand(num_members, -1).contiguous())
+            b = layer_norm.bias.detach()
+            self.bias = nn.Parameter(b.to(adapter_dtype(b.dtype)).expand(num_members, -1).contiguous())
 
     def forward(self, x: Tensor) -> Tensor:
+        self.check_rows(x)
         y = F.layer_norm(x, (self.dim,), eps=self.eps)
-        y = _split_members(y, self.num_members, "StackedLayerNorm")            # (M, N, D)
+        y = y.reshape(self.num_members, -1, self.dim)                          # (M, N, D)
         if self.weight is not None:
             y = y * self.weight.to(y.dtype).unsqueeze(1)
         if self.bias is not None:
@@ -141,10 +141,12 @@ def stack_head(head: nn.Module, num_members: int, init: str, generator: torch.Ge
     return stacked
 
 
-def member_head(stacked: nn.Module, m: int) -> nn.Module:
-    """Inverse of `stack_head` for member m: a head of the original classes holding member m's weights."""
+def member_head(stacked: nn.Module, m: int, dtype: torch.dtype | None = None) -> nn.Module:
+    """Inverse of `stack_head` for member m: a head of the original classes holding member m's weights, in
+    `dtype` (the frozen model's, when the stacked head keeps float32 copies) or the stacked head's own."""
     if isinstance(stacked, STACKED_HEAD_TYPES):
-        return stacked.member_module(m)
+        plain_head = stacked.member_module(m)
+        return plain_head if dtype is None else plain_head.to(dtype)
     plain = copy.copy(stacked)
-    plain._modules = {n: member_head(c, m) for n, c in stacked.named_children()}
+    plain._modules = {n: member_head(c, m, dtype) for n, c in stacked.named_children()}
     return plain

@@ -1,7 +1,8 @@
 """Vectorized LoRA-Ensemble layers: one frozen weight, M stacked low-rank adapters.
 
-Every layer here receives member-major rows: member m owns rows m*B .. (m+1)*B-1 of the leading
-dimension (M*B in all). The frozen base projection runs ONCE over all M*B rows; the per-member
+Every layer here receives member-major rows: member m owns rows m*B .. (m+1)*B-1 of its member axis
+(M*B in all; the leading dimension, or dimension 1 inside a sequence-first nn.Transformer* block), and checks
+their number against its owner's row contract (`batch.RowContract`). The frozen base projection runs ONCE over all M*B rows; the per-member
 low-rank deltas run as batched matmuls over parameters stacked with leading dimension M:
 
     y[m] = base(x[m]) + s * (dropout(x[m]) @ A[m]^T) @ B[m]^T        x[m]: (N, in), A: (M, r, in), B: (M, out, r)
@@ -11,8 +12,11 @@ the same result (tested against the generic one):
 - inference (no autograd): the deltas are added into the frozen output in place, so y is not copied;
 - training with a plain frozen nn.Linear: `_LinearWithMemberDeltas` does the same in forward and adds the
   members' input gradient into the frozen one in place in backward;
-- an input that repeats B rows member-major (the first adapted block of a shared trunk, `batch.repeat_source`):
-  the frozen matmul runs once on the B rows and the member deltas broadcast over it.
+- an input that repeats B rows member-major (the first adapted block of a shared trunk, marked by
+  `RowContract.mark_repeat`): the frozen matmul runs once on the B rows and the member deltas broadcast over it.
+
+Per-member parameters are kept in float32 when the frozen weights are fp16/bf16 (`adapter_dtype`), as PEFT
+does: AdamW updates of ~1e-4 would vanish in bf16 rounding. The forward casts them to the input's dtype.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batch import repeat_source
+from .batch import MemberModule
 
 PART_INDEX = {"q": 0, "k": 1, "v": 2}
 
@@ -60,25 +64,40 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
-def _rows_per_member(x: Tensor, num_members: int, where: str) -> int:
-    if x.shape[0] % num_members:
-        raise ValueError(
-            f"{where} received {x.shape[0]} rows, not a multiple of num_members={num_members}; "
-            "call the model through LoraEnsemble, which repeats the batch member-major"
-        )
-    return x.shape[0] // num_members
+def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-member parameters are kept in for frozen weights of `dtype`: float32 unless the weights
+    are float32 or float64 (half precision and integer/quantized weights get float32 adapters)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _frozen_part(base_layer: nn.Module, x: Tensor, num_members: int) -> Tensor:
-    """base_layer(x) as (M, N, out); when x repeats a B-row tensor member-major (the first adapted block of
-    a shared trunk), the frozen matmul runs once on those B rows and comes back as (1, N, out), which the
-    member deltas broadcast over."""
-    source = repeat_source(x)
+def _repeat_source(layer: MemberModule, x: Tensor) -> Tensor | None:
+    contract = layer.row_contract
+    return None if contract is None else contract.repeat_source(x)
+
+
+def _frozen_part(layer: MemberModule, x: Tensor) -> Tensor:
+    """layer.base_layer(x) as (M, N, out); when x repeats a B-row tensor member-major (the first adapted block
+    of a shared trunk, marked on the row contract), the frozen matmul runs once on those B rows and comes back
+    as (1, N, out), which the member deltas broadcast over."""
+    source = _repeat_source(layer, x)
     if source is None:
-        y = base_layer(x)
-        return y.reshape(num_members, -1, y.shape[-1])
-    y = base_layer(source)
+        y = layer.base_layer(x)
+        return y.reshape(layer.num_members, -1, y.shape[-1])
+    y = layer.base_layer(source)
     return y.reshape(1, -1, y.shape[-1])
+
+
+class _AdaptedProjection(MemberModule):
+    """Shared forward of the adapted projections: check the rows, move the member axis to the front."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_rows(x)
+        if self.member_axis == 0:
+            return self._forward(x)
+        return self._forward(x.movedim(self.member_axis, 0)).movedim(0, self.member_axis)
+
+    def _forward(self, x: Tensor) -> Tensor:  # x: (M*B, ..., in), member-major on dimension 0
+        raise NotImplementedError
 
 
 def _in_place(y: Tensor, num_members: int) -> bool:
@@ -98,7 +117,7 @@ def _fused_training(layer: nn.Module, x: Tensor) -> bool:
             and not (base._forward_hooks or base._forward_pre_hooks)
             and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
             and isinstance(layer.lora_dropout, nn.Identity) and not torch.is_autocast_enabled(x.device.type)
-            and x.dtype == base.weight.dtype == layer.lora_A.dtype and repeat_source(x) is None)
+            and x.dtype == base.weight.dtype == layer.lora_A.dtype and _repeat_source(layer, x) is None)
 
 
 def init_lora_A(A: Tensor, init: str, gain: float, std: float | None, generator: torch.Generator) -> None:
@@ -124,7 +143,7 @@ def init_lora_A(A: Tensor, init: str, gain: float, std: float | None, generator:
         A.copy_(draw)
 
 
-class LoraEnsembleLinear(nn.Module):
+class LoraEnsembleLinear(_AdaptedProjection):
     """A frozen linear-like layer (nn.Linear or Conv1D) plus M stacked LoRA adapters.
 
     Parameters: lora_A (M, r, in), lora_B (M, out, r). Input (M*B, ..., in) -> output (M*B, ..., out).
@@ -139,19 +158,18 @@ class LoraEnsembleLinear(nn.Module):
         self.base_layer = base_layer
         self.num_members, self.r, self.scaling = num_members, r, scaling
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        w = base_layer.weight
-        self.lora_A = nn.Parameter(torch.zeros(num_members, r, self.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(num_members, self.out_features, r, device=w.device, dtype=w.dtype))
+        w, dtype = base_layer.weight, adapter_dtype(base_layer.weight.dtype)
+        self.lora_A = nn.Parameter(torch.zeros(num_members, r, self.in_features, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_members, self.out_features, r, device=w.device, dtype=dtype))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor) -> Tensor:
         M = self.num_members
-        _rows_per_member(x, M, type(self).__name__)
         if _fused_training(self, x):                                  # same result, fewer full-size tensors
             y = _LinearWithMemberDeltas.apply(x.reshape(-1, self.in_features), self.base_layer.weight,
                                               self.base_layer.bias, self.lora_A.unsqueeze(1),
                                               self.lora_B.unsqueeze(1), self.scaling, M, (0,), 1)
             return y.view(*x.shape[:-1], self.out_features)
-        y = _frozen_part(self.base_layer, x, M)                       # (M or 1, N, out): one shared matmul
+        y = _frozen_part(self, x)                                     # (M or 1, N, out): one shared matmul
         h = self.lora_dropout(x).reshape(M, -1, self.in_features)     # (M, N, in)
         h = torch.bmm(h, self.lora_A.to(h.dtype).transpose(1, 2))     # (M, N, r)
         B = self.lora_B.to(h.dtype).transpose(1, 2)                   # (M, r, out)
@@ -225,7 +243,7 @@ class _LinearWithMemberDeltas(torch.autograd.Function):
         return dx, None, None, dA, dB, None, None, None, None
 
 
-class LoraEnsembleFusedLinear(nn.Module):
+class LoraEnsembleFusedLinear(_AdaptedProjection):
     """A frozen fused q/k/v projection (timm `qkv`, GPT-2 `c_attn`, the in-projection of
     nn.MultiheadAttention) whose output is [q | k | v], each of width d = out / 3.
 
@@ -251,19 +269,18 @@ class LoraEnsembleFusedLinear(nn.Module):
         self.num_members, self.r, self.scaling = num_members, r, scaling
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.part_index = [PART_INDEX[p] for p in self.parts]  # a plain list: no buffer beyond the adapters
-        w, P = base_layer.weight, len(self.parts)
-        self.lora_A = nn.Parameter(torch.zeros(num_members, P, r, self.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(num_members, P, self.part_width, r, device=w.device, dtype=w.dtype))
+        w, P, dtype = base_layer.weight, len(self.parts), adapter_dtype(base_layer.weight.dtype)
+        self.lora_A = nn.Parameter(torch.zeros(num_members, P, r, self.in_features, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_members, P, self.part_width, r, device=w.device, dtype=dtype))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor) -> Tensor:
         M, P, r, d = self.num_members, len(self.parts), self.r, self.part_width
-        _rows_per_member(x, M, type(self).__name__)
         if _fused_training(self, x):                                   # same result, fewer full-size tensors
             y = _LinearWithMemberDeltas.apply(x.reshape(-1, self.in_features), self.base_layer.weight,
                                               self.base_layer.bias, self.lora_A, self.lora_B, self.scaling, M,
                                               tuple(self.part_index), 3)
             return y.view(*x.shape[:-1], self.out_features)
-        y = _frozen_part(self.base_layer, x, M)                        # (M or 1, N, 3d)
+        y = _frozen_part(self, x)                                      # (M or 1, N, 3d)
         y = y.view(y.shape[0], -1, 3, d)                               # (M or 1, N, 3, d)
         h = self.lora_dropout(x).reshape(M, -1, self.in_features)      # (M, N, in)
         A = self.lora_A.to(h.dtype).reshape(M, P * r, self.in_features)

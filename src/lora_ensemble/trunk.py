@@ -28,22 +28,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .batch import batch_size_of, output_tensor, repeat_batch
+from .batch import RowContract, batch_size_of, output_tensor, repeat_batch
 from .targets import block_names
 
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]
 
 
-def shared_trunk_forward(model: nn.Module, trunk_end: list[str], num_members: int, args: tuple, kwargs: dict
-                         ) -> tuple[int, Tensor]:
-    """(B, the model's prediction tensor (M*B, ...)) for inputs of B rows, repeated member-major by forward
-    pre-hooks on every block of `trunk_end` (the first adapted block and all blocks after it); tensors that
-    already have M*B rows, or any leading dimension but B, pass those hooks unchanged."""
-    batch_size = batch_size_of(args, kwargs)[1]
+def shared_trunk_forward(model: nn.Module, trunk_end: list[str], num_members: int, batch_size: int, args: tuple,
+                         kwargs: dict, contract: RowContract) -> Tensor:
+    """The model's prediction tensor (M*B, ...) for inputs of B rows, repeated member-major by forward pre-hooks
+    on every block of `trunk_end` (the first adapted block and all blocks after it); tensors that already have
+    M*B rows, or any leading dimension but B, pass those hooks unchanged. Every tensor a hook repeats is marked
+    on `contract` as a repeat of its B rows (the explicit repeat point the adapted layers share work at)."""
     reached = []
 
     def repeat_at_block(module: nn.Module, a: tuple, kw: dict) -> tuple[tuple, dict]:
-        return repeat_batch(a, kw, batch_size, num_members, strict=False)
+        return repeat_batch(a, kw, batch_size, num_members, strict=False, contract=contract)
 
     first = model.get_submodule(trunk_end[0])
     handles = [first.register_forward_pre_hook(lambda *a: reached.append(True), prepend=True)]
@@ -62,7 +62,7 @@ def shared_trunk_forward(model: nn.Module, trunk_end: list[str], num_members: in
             h.remove()
     if not reached:
         raise not_called
-    return batch_size, output
+    return output
 
 
 class TrunkCache:

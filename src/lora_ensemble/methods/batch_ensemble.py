@@ -24,15 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LoraEnsembleConfig
-from ..batch import expand_batch, output_tensor
-from ..ensemble import set_submodule
+from ..batch import MemberModule, RowContract, batch_size_of, output_tensor, repeat_batch
+from ..ensemble import bind_member_modules, set_submodule
 from ..heads import stack_head
+from ..layers import adapter_dtype
 from ..targets import find_heads, find_targets
 
 INITS = ("gaussian", "random_sign", "ones")
 
 
-class BatchEnsembleLinear(nn.Module):
+class BatchEnsembleLinear(MemberModule):
     """A frozen nn.Linear with M rank-1 fast weights: r (M, in), s (M, out), bias (M, out).
     Input (M*B, ..., in) -> output (M*B, ..., out), member-major rows."""
 
@@ -46,17 +47,21 @@ class BatchEnsembleLinear(nn.Module):
         r = _draw((num_members, self.in_features), init, init_std, generator)
         s = _draw((num_members, self.out_features), init, init_std, generator)
         bias = base_layer.bias.detach() if base_layer.bias is not None else w.new_zeros(self.out_features)
-        self.r = nn.Parameter(r.to(device=w.device, dtype=w.dtype))
-        self.s = nn.Parameter(s.to(device=w.device, dtype=w.dtype))
-        self.bias = nn.Parameter(bias.to(w.dtype).expand(num_members, -1).clone())
+        dtype = adapter_dtype(w.dtype)
+        self.r = nn.Parameter(r.to(device=w.device, dtype=dtype))
+        self.s = nn.Parameter(s.to(device=w.device, dtype=dtype))
+        self.bias = nn.Parameter(bias.to(dtype).expand(num_members, -1).clone())
 
     def forward(self, x: Tensor) -> Tensor:
         M = self.num_members
-        if x.shape[0] % M:
-            raise ValueError(
-                f"BatchEnsembleLinear received {x.shape[0]} rows, not a multiple of num_members={M}; call the "
-                "model through the batch_ensemble method, which repeats the batch member-major"
-            )
+        self.check_rows(x)
+        if self.member_axis:
+            return self.forward_member_major(x.movedim(self.member_axis, 0)).movedim(0, self.member_axis)
+        return self.forward_member_major(x)
+
+    def forward_member_major(self, x: Tensor) -> Tensor:
+        """x: (M*B, ..., in) member-major on dimension 0."""
+        M = self.num_members
         h = x.reshape(M, -1, self.in_features) * self.r.to(x.dtype).unsqueeze(1)        # (M, N, in)
         y = F.linear(h, self.base_layer.weight)                                          # (M, N, out), shared W
         y = torch.addcmul(self.bias.to(y.dtype).unsqueeze(1), y, self.s.to(y.dtype).unsqueeze(1))
@@ -103,12 +108,19 @@ class BatchEnsemble(nn.Module):
             set_submodule(model, name, stack_head(model.get_submodule(name), num_members, head_init, generator, name))
         self.model, self.num_members = model, num_members
         self.target_names, self.head_names = [t.name for t in targets], heads
+        self.row_contract = RowContract(num_members)
+        bind_member_modules(model, self.row_contract)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """Inputs as for `model` (batch B); output (M, B, ...)."""
         M = self.num_members
-        batch_size, args, kwargs = expand_batch(args, kwargs, M)
-        out = output_tensor(self.model(*args, **kwargs))
+        source, batch_size = batch_size_of(args, kwargs)
+        self.row_contract.open(M * batch_size, owner="BatchEnsemble")
+        try:
+            args, kwargs = repeat_batch(args, kwargs, batch_size, M, source=source)
+            out = output_tensor(self.model(*args, **kwargs))
+        finally:
+            self.row_contract.close()
         if out.shape[0] != M * batch_size:
             raise ValueError(f"the model returned {out.shape[0]} rows for {M} members x batch {batch_size}")
         return out.view(M, batch_size, *out.shape[1:])
