@@ -113,9 +113,35 @@ def test_export_is_atomic_and_never_overwrites_silently(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         ens.export_peft(target)
     assert (target / "keep.txt").exists()
-    ens.export_peft(target, overwrite=True)
-    assert sorted(os.listdir(target)) == [f"member_{m}" for m in range(M)]
+    ens.export_peft(target, overwrite=True)                # replaces the export, leaves the user's file alone
+    assert sorted(os.listdir(target)) == ["keep.txt"] + [f"member_{m}" for m in range(M)]
     assert sorted(os.listdir(tmp_path)) == ["peft"]
+
+
+def test_export_into_an_empty_or_unrelated_folder_works_like_save_pretrained(tmp_path):
+    import tempfile
+
+    ens, _ = random_ensemble("bert", target_modules="qv")
+    with tempfile.TemporaryDirectory(dir=tmp_path) as empty:      # what users pass to save_pretrained
+        mode = os.stat(empty).st_mode
+        folders = ens.export_peft(empty)
+        assert sorted(os.listdir(empty)) == [f"member_{m}" for m in range(M)]
+        assert folders == [os.path.join(empty, f"member_{m}") for m in range(M)]
+        assert os.stat(empty).st_mode == mode                      # still the user's folder, same permissions
+    other = tmp_path / "project"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    folders = ens.export_peft(other)
+    assert sorted(os.listdir(other)) == ["member_0", "member_1", "member_2", "notes.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["project"]            # no temporary folder left beside it
+    model, make_batch = build("bert")
+    reloaded = LoraEnsemble.from_peft(model, folders).eval()
+    batch = make_batch(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(call(reloaded, batch), call(ens, batch), **ATOL)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        ens.export_peft(tmp_path / "file")
 
 
 def test_export_refuses_multihead_attention_out_proj_which_peft_applies_twice(tmp_path):

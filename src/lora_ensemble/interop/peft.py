@@ -57,12 +57,19 @@ DERIVED_FIELDS = ("num_members", "r", "lora_alpha", "target_modules", "fused_par
 def export_peft(ens: Any, path: str | os.PathLike, overwrite: bool = False) -> list[str]:
     """Write every member of `ens` as a PEFT LoRA adapter folder `path/member_<m>`; returns the folders.
 
-    Everything is written into a temporary folder next to `path`, which is renamed to `path` at the end:
-    `path` holds either the previous export or the complete new one, never part of one.
+    `path` may be new, an empty folder, or a folder holding other files; a folder that already holds an
+    adapter export (`member_<k>` folders or an adapter config) is refused unless `overwrite=True`, which
+    replaces those entries and nothing else. Everything is written into a temporary folder next to `path`
+    first: a new or empty `path` is then renamed into place in one step; into a folder with other files each
+    complete member folder is renamed in, so no adapter folder is ever half-written.
     """
     path = os.path.abspath(os.fspath(path))
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path} exists and is not a folder; export_peft writes a folder of member adapters")
+    previous = _previous_export(path)
+    if previous and not overwrite:
+        raise FileExistsError(f"{path} already holds an adapter export ({', '.join(previous[:3])}); pass "
+                              "overwrite=True to replace it")
     layers = {name: ens.model.get_submodule(name) for name in ens.target_names}
     config = _export_config(ens, layers)
     parent = os.path.dirname(path)
@@ -76,7 +83,7 @@ def export_peft(ens: Any, path: str | os.PathLike, overwrite: bool = False) -> l
                 json.dump(config, f, indent=2, sort_keys=True)
             with open(os.path.join(folder, ADAPTER_WEIGHTS), "wb") as f:
                 f.write(safetensors_save(_member_tensors(ens, layers, m), {"format": "pt"}))
-        _move_into_place(tmp, path, overwrite)
+        _move_into_place(tmp, path, previous)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [os.path.join(path, f"member_{m}") for m in range(ens.num_members)]
@@ -171,21 +178,47 @@ def _member_tensors(ens: Any, layers: dict[str, nn.Module], m: int) -> dict[str,
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
 
-def _move_into_place(tmp: str, path: str, overwrite: bool) -> None:
-    """Rename `tmp` to `path`; an existing `path` (overwrite=True) is moved aside first and deleted after."""
-    if not os.path.lexists(path):
-        os.rename(tmp, path)
+def _previous_export(path: str) -> list[str]:
+    """The entries of folder `path` that belong to an adapter export: member_<k> folders, adapter files."""
+    if not os.path.isdir(path):
+        return []
+    return sorted(e for e in os.listdir(path)
+                  if (e.startswith("member_") and os.path.isdir(os.path.join(path, e)))
+                  or e in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+
+
+def _move_into_place(tmp: str, path: str, previous: list[str]) -> None:
+    """Put the member folders of `tmp` at `path`. A new or empty `path`: one rename (an existing folder keeps
+    its permissions, a new one gets the umask's rather than mkdtemp's 0700). Otherwise each member folder is
+    renamed in; the entries of a previous export (`previous`) are moved aside first and deleted after."""
+    if not os.path.exists(path) or not os.listdir(path):
+        mode = os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o777 & ~_umask()
+        os.rename(tmp, path)  # POSIX renames a folder onto an empty folder in one step
+        os.chmod(path, mode)
         return
-    if not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(path, old)
+    aside = os.path.join(path, f".old-export-{uuid.uuid4().hex[:8]}")
+    os.mkdir(aside)
+    for entry in previous:
+        os.rename(os.path.join(path, entry), os.path.join(aside, entry))
+    moved = []
     try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
+        for entry in sorted(os.listdir(tmp)):
+            os.rename(os.path.join(tmp, entry), os.path.join(path, entry))
+            moved.append(entry)
+    except BaseException:  # put the previous export back as it was
+        for entry in moved:
+            shutil.rmtree(os.path.join(path, entry), ignore_errors=True)
+        for entry in previous:
+            os.rename(os.path.join(aside, entry), os.path.join(path, entry))
+        os.rmdir(aside)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def ensemble_from_peft(cls: type, model: nn.Module, paths: list[str | os.PathLike], **overrides: Any) -> Any:
