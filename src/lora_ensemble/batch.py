@@ -99,7 +99,9 @@ class MemberModule(nn.Module):
                 f"forward gives every member-aware module {M} members x batch {expected // M} = {expected} rows. "
                 "Its members would be mixed: the module sees a tensor whose batch is not on dimension "
                 f"{axis} (e.g. a sequence-first layout), or the model reshapes the batch. Leave this module out "
-                "of target_modules (or head=), or make the model keep the batch on dimension 0"
+                "of target_modules (or head=), or make the model keep the batch on dimension 0 (a model that "
+                "folds other dimensions into the batch sample by sample, as Swin's windows do, can set "
+                "`folds_batch = True` on the module)"
             )
         if rows % M:
             raise ValueError(

@@ -234,16 +234,17 @@ def bind_member_modules(model: nn.Module, contract: RowContract) -> list[str]:
         parts = name.split(".")
         ancestors = [modules[".".join(parts[:i])] for i in range(len(parts) - 1, 0, -1)] + [model]
         module.folds_batch = any(WINDOW_ATTENTION.search(type(a).__name__) for a in ancestors)
-        if any(isinstance(a, LoraEnsembleMultiheadAttention) for a in ancestors):
-            continue  # its projections receive (N, T, E): it transposes a sequence-first input itself
+        layout = next((a for a in ancestors if isinstance(a, SEQUENCE_FIRST_TYPES)), None)
+        if layout is None or _batch_first(layout):
+            continue
+        block = next(n for n, mod in modules.items() if mod is layout)
+        if block not in sequence_first:
+            sequence_first.append(block)
         if isinstance(module, LoraEnsembleMultiheadAttention):
             continue  # member_axis follows its own batch_first
-        layout = next((a for a in ancestors if isinstance(a, SEQUENCE_FIRST_TYPES)), None)
-        if layout is not None and not _batch_first(layout):
-            module.member_axis = 1
-            block = next(n for n, mod in modules.items() if mod is layout)
-            if block not in sequence_first:
-                sequence_first.append(block)
+        if any(isinstance(a, LoraEnsembleMultiheadAttention) for a in ancestors):
+            continue  # its projections receive (N, T, E): it transposes a sequence-first input itself
+        module.member_axis = 1
     disable_transformer_fast_paths(model, [n for n, m in modules.items() if isinstance(m, MemberModule)])
     return sequence_first
 
