@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,6 +61,8 @@ def test_predict_writes_class_probability_and_uncertainty_per_input(trained_run)
     for row in rows:
         assert row["prediction"] in {"business", "politics", "sports", "tech"}
         total, aleatoric, epistemic = float(row["total"]), float(row["aleatoric"]), float(row["epistemic"])
+        probs = [float(row[f"p_{c}"]) for c in ("business", "politics", "sports", "tech")]
+        assert total == pytest.approx(-sum(p * math.log(p) for p in probs), rel=1e-5)  # H[p], p the ensemble mean
         assert total == pytest.approx(aleatoric + epistemic, abs=1e-9) and epistemic >= 0
         assert sum(float(row[f"p_{c}"]) for c in ("business", "politics", "sports", "tech")) == pytest.approx(1.0)
         assert float(row["probability"]) == max(float(row[f"p_{c}"]) for c in ("business", "politics", "sports", "tech"))

@@ -135,7 +135,10 @@ def test_hf_dataset_uses_class_label_names_and_ignores_unlabelled_test(monkeypat
     splits = load_dataset("hf", name_or_path="glue", config="sst2", text_column="sentence", test_fraction=0.2)
     assert splits.class_names == ["negative", "positive"]
     assert (len(splits.train), len(splits.val), len(splits.test)) == (16, 2, 4)
-    assert splits.val[1] == ("v1", 1) and all(label >= 0 for _, label in splits.test)
+    assert splits.val[1] == ("v1", 1)
+    # the unlabelled test split is ignored: test is carved out of train, every sample keeping its own label
+    assert sorted([text for text, _ in splits.train] + [text for text, _ in splits.test]) == sorted(sentences)
+    assert [label for _, label in splits.test] == [int(text[1:]) % 2 for text, _ in splits.test]
 
 
 def test_hf_dataset_errors_name_the_columns_and_offline_cache(monkeypatch):

@@ -20,7 +20,9 @@ OPTIONS = {  # small, fast settings; mc_dropout needs rates on timm models (they
     "mc_dropout": {"dropout": 0.1, "attention_dropout": 0.1}, "snapshot": {}, "batch_ensemble": {},
 }
 FULL_FINE_TUNE = {"single", "explicit", "mc_dropout", "snapshot"}
+PER_MEMBER_HEADS = {"lora_ensemble", "explicit", "batch_ensemble"}  # heads stacked (M, ...)
 EVAL_MEMBERS = {"single": 1, "single_lora": 1, "snapshot": 1}  # snapshot: no cycle finished yet -> live weights
+TRAIN_MEMBERS = {"single": 1, "single_lora": 1, "mc_dropout": 1, "snapshot": 1}  # one pass of the live network
 
 
 def batch(make_batch, seed: int = 0, size: int = B):
@@ -63,13 +65,15 @@ def test_every_method_trains_what_it_promises_and_returns_member_logits(name, fa
     # one training step: every trainable parameter gets a gradient; every member head is reached
     method.train()
     out = call(method, batch(make_batch))
-    assert out.shape[1:] == (B, NUM_LABELS) and out.shape[0] in (1, M)
+    assert out.shape == (TRAIN_MEMBERS.get(name, M), B, NUM_LABELS)
     out.float().logsumexp(-1).mean().backward()
     assert [n for n in trainable if params[n].grad is None] == []
-    for head in getattr(method, "head_names", []):
-        for n, p in method.model.get_submodule(head).named_parameters():
-            if p.requires_grad and p.dim() >= 1 and p.shape[0] == method.num_members > 1:
-                assert all(p.grad[m].abs().sum() > 0 for m in range(method.num_members)), f"{head}.{n}"
+    member_heads = {f"{head}.{n}": p for head in getattr(method, "head_names", [])
+                    for n, p in method.model.get_submodule(head).named_parameters()
+                    if p.requires_grad and p.dim() >= 1 and p.shape[0] == method.num_members > 1}
+    assert bool(member_heads) == (name in PER_MEMBER_HEADS)
+    for n, p in member_heads.items():
+        assert all(p.grad[m].abs().sum() > 0 for m in range(method.num_members)), n
     before = {n: p.detach().clone() for n, p in params.items()}
     torch.optim.SGD(method.parameters(), lr=0.1).step()
     changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
@@ -249,7 +253,11 @@ def test_batch_ensemble_with_unit_fast_weights_and_copied_heads_is_the_base_mode
         out, expected = call(method, x), call(base, x)
     for m in range(M):
         torch.testing.assert_close(out[m], expected, atol=1e-5, rtol=1e-4)
-    assert len(method.target_names) == 4 * 2 if family == "bert" else 2 * 2  # qkvo (bert), qkv + proj (timm)
+    per_block = {"bert": ["attention.self.query", "attention.self.key", "attention.self.value",
+                          "attention.output.dense"],
+                 "timm_vit": ["attn.qkv", "attn.proj"]}[family]       # qkvo; timm's fused qkv counts as one Linear
+    blocks = {"bert": "bert.encoder.layer", "timm_vit": "blocks"}[family]
+    assert method.target_names == [f"{blocks}.{i}.{name}" for i in range(2) for name in per_block]
 
     default = build_method("batch_ensemble", build(family)[0], num_members=M)
     r = default.model.get_submodule(default.target_names[0]).r

@@ -85,6 +85,7 @@ def test_ood_scores_follow_their_definitions():
     np.testing.assert_allclose(s["entropy"].numpy(), entropy(p), atol=1e-12)
     zbar = z.mean(0)
     np.testing.assert_allclose(s["energy"].numpy(), -np.log(np.exp(zbar).sum(-1)), atol=1e-12)
+    np.testing.assert_allclose(s["mi"].numpy(), entropy(p) - entropy(softmax(z)).mean(0), atol=1e-12)
     assert (s["mi"] >= 0).all()
 
 
