@@ -7,18 +7,69 @@
     lora-ensemble compare --config X.yaml --methods a,b --seeds 3
     lora-ensemble benchmark                  speed and memory against the limit and the peers
 
-Configuration mistakes (unknown key, wrong type, missing file) print one `error:` line and exit 2.
+Mistakes (unknown key, wrong type, missing file, bad option) print one `error:` line and exit 2, before
+anything is written: a failed command never changes a run folder. Output is ours only; `--verbose` adds
+Lightning's and transformers' messages and warnings.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+NOISY = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning",
+         "transformers", "torch", "timm", "torchvision", "torchmetrics", "huggingface_hub")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its mistakes as one `error:` line (and exit status 2), like every other mistake."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+@contextlib.contextmanager
+def quiet(verbose: bool) -> Iterator[None]:
+    """Hide the info messages and warnings of Lightning, transformers and torch while a command runs (unless
+    `verbose`); the previous logging levels and warning filters come back afterwards."""
+    if verbose:
+        yield
+        return
+    import lightning  # noqa: F401  (sets its own logger level when imported: import it first)
+    import transformers
+
+    loggers = {name: logging.getLogger(name) for name in NOISY}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    verbosity = transformers.logging.get_verbosity()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"(%s)(\.|$)" % "|".join(n.replace(".", r"\.") for n in NOISY))
+        for logger in loggers.values():
+            logger.setLevel(logging.ERROR)
+        transformers.logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            for name, logger in loggers.items():
+                logger.setLevel(levels[name])
+            transformers.logging.set_verbosity(verbosity)
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
@@ -41,41 +92,53 @@ def _device_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-ensemble", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="lora-ensemble", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = Parser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="also show Lightning's and transformers' info messages and warnings")
 
-    p = sub.add_parser("demo", help="train and compare LoRA-Ensemble and single LoRA on the offline default")
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--members", type=int, default=4, help="ensemble members (default 4)")
+    p = sub.add_parser("demo", parents=[common],
+                       help="train and compare LoRA-Ensemble and single LoRA on the offline default")
+    p.add_argument("--output-dir", default="runs/demo", help="folder for the two runs, the table and the figures "
+                                                              "(default: %(default)s)")
+    p.add_argument("--members", type=positive_int, default=4, help="ensemble members (default 4)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds): 16 articles, 1 epoch")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch instead)")
 
-    p = sub.add_parser("fit", help="train one run from a YAML config")
+    p = sub.add_parser("fit", parents=[common], help="train one run from a YAML config")
     p.add_argument("--config", required=True, help="YAML run config (see configs/)")
-    p.add_argument("--output-dir", help="run folder (default runs/<config name>)")
+    p.add_argument("--output-dir", help="run folder (default runs/<config name>); must be new or empty unless "
+                                        "--resume or --overwrite")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/last.ckpt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty --output-dir (its results, weights and checkpoints)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values, e.g. training.epochs=1")
     _add_device_flags(p)
 
-    p = sub.add_parser("evaluate", help="test metrics of a finished run")
+    p = sub.add_parser("evaluate", parents=[common], help="test metrics of a finished run")
     p.add_argument("--checkpoint", required=True, help="run folder written by `fit`")
     p.add_argument("--output", help="write the metrics JSON here (default <run>/evaluation.json)")
     p.add_argument("--plots", help="folder for reliability / risk-coverage / OOD figures")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values (e.g. data.*)")
 
-    p = sub.add_parser("predict", help="per-sample prediction, probability and uncertainty")
-    p.add_argument("--checkpoint", required=True, help="run folder written by `fit`")
+    p = sub.add_parser("predict", parents=[common], help="per-sample prediction, probability and uncertainty")
+    p.add_argument("--checkpoint", required=True, help="run folder written by `fit` (its data is not needed)")
     p.add_argument("--input", required=True, help="text: .txt (one per line), .csv (column 'text'), .jsonl; "
                                                   "images/audio: a file, a folder, or a .txt list of paths")
     p.add_argument("--output", help="output file (.csv or .jsonl); default: print JSON lines")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")
 
-    p = sub.add_parser("compare", help="train several methods with the same data, budget and seeds")
-    p.add_argument("--config", required=True)
+    p = sub.add_parser("compare", parents=[common], help="train several methods with the same data, budget and seeds")
+    p.add_argument("--config", required=True, help="YAML run config, optionally with a compare: section of "
+                                                   "per-method overrides (see configs/compare_*.yaml)")
     p.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--output-dir", default="runs/compare")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--seeds", type=positive_int, default=3, help="runs per method, seeds base+0, base+1, ... "
+                                                                 "(default 3)")
+    p.add_argument("--output-dir", default="runs/compare", help="folder for every run, the tables and the "
+                                                                "figures (default: %(default)s)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override base config values, "
+                                                                            "e.g. training.epochs=1")
 
     p = sub.add_parser("benchmark", help="speed and memory of LoRA-Ensemble vs. the limit and the peers")
     try:
@@ -87,15 +150,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ImportError)  # ConfigError is a ValueError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .run_config import ConfigError
-
     try:
-        return COMMANDS[args.command](args) or 0
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        with quiet(getattr(args, "verbose", True)):
+            return COMMANDS[args.command](args) or 0
+    except ERRORS as e:
+        message = str(e).strip()
+        print(f"error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)
         return 2
+
+
+def check_run_dir(run_dir: str, resume: bool, overwrite: bool) -> None:
+    """`fit` never damages a run: a folder that holds files is used only with --resume or --overwrite."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it; give one of them")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"--output-dir {run_dir} is a file, not a folder")
+    from .runner import launch_rank
+
+    if resume or overwrite or launch_rank() != 0:  # DDP processes > 0 re-run the command after rank 0 wrote
+        return
+    entries = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    if entries:
+        what = "a finished run" if "results.json" in entries else f"files ({', '.join(entries[:4])})"
+        raise ValueError(f"--output-dir {run_dir} already holds {what}; pass --overwrite to replace it, --resume to "
+                         "continue it, or choose another folder")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -112,7 +195,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     config = load_run_config(args.config, list(args.set) + _device_overrides(args))
     run_dir = args.output_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    results, run = fit(config, run_dir, resume=args.resume)
+    check_run_dir(run_dir, args.resume, args.overwrite)
+    results, run = fit(config, run_dir, resume=args.resume, overwrite=args.overwrite)
     if run.module.trainer.is_global_zero:
         print(markdown_table({config.method.name: flat_row(results)}))
         print(f"wrote {run_dir}/results.json and {run_dir}/model/")
@@ -124,6 +208,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .report import flat_row, markdown_table, write_figures
     from .runner import load_run, make_trainer, test
 
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        raise ValueError(f"--plots {args.plots!r} is a file; name a folder for the figures")
+    if args.output and os.path.isdir(args.output):
+        raise ValueError(f"--output {args.output!r} is a folder; name the JSON file to write")
     run = load_run(args.checkpoint, args.set)
     results = test(run, make_trainer(run.config, None))
     out = args.output or os.path.join(args.checkpoint, "evaluation.json")

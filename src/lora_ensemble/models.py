@@ -43,8 +43,43 @@ def build_model(cfg: ModelConfig, num_classes: int, modality: str, sample_rate: 
         return _timm(name.split(":", 1)[1], num_classes, cfg)
     if name.startswith("torchvision:"):
         return _torchvision(name.split(":", 1)[1], num_classes, cfg)
-    path = minilm_path() if name == "minilm" else name
-    return _hugging_face(path, num_classes, modality, cfg)
+    if name != "minilm" and looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        what = "is a file, not a model folder" if os.path.exists(os.path.expanduser(name)) else "no such folder"
+        raise ConfigError(f"model.name {name!r}: {what} (a local model is a folder with config.json; a hub id "
+                          "looks like 'org/name')")
+    path = minilm_path() if name == "minilm" else os.path.expanduser(name)
+    model, collate = _hugging_face(path, num_classes, modality, cfg)
+    if modality == "text":
+        check_max_length(model, cfg)
+    return model, collate
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a local path, never a hub id ('org/name'): absolute, ~, ./, ../, a backslash,
+    a trailing slash or more than one slash."""
+    return (os.path.isabs(name) or name.startswith(("~", "./", "../", ".\\")) or "\\" in name
+            or name.endswith("/") or name.count("/") > 1)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """Tokens the model can take: the size of its learned position embedding (less the padding offset of
+    RoBERTa-style embeddings), else its config's max_position_embeddings; None when it has no limit."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe"):
+            offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+            return module.num_embeddings - offset
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_max_length(model: nn.Module, cfg: ModelConfig) -> None:
+    """model.max_length must fit the model's positions (else a long input crashes at predict time)."""
+    limit = max_positions(model)
+    if limit is not None and cfg.max_length > limit:
+        raise ConfigError(f"model.max_length={cfg.max_length} is more than the {limit} positions of {cfg.name!r}; "
+                          f"use at most {limit}")
+    if cfg.max_length < 1:
+        raise ConfigError(f"model.max_length must be >= 1, got {cfg.max_length}")
 
 
 def _hugging_face(path: str, num_classes: int, modality: str, cfg: ModelConfig) -> tuple[nn.Module, Callable]:
@@ -120,6 +155,7 @@ def _tiny(kind: str, num_classes: int, modality: str, cfg: ModelConfig, sample_r
     if kind == "text":
         tokenizer = tf.AutoTokenizer.from_pretrained(minilm_path())
         model = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=tokenizer.vocab_size, **small))
+        check_max_length(model, cfg)
         return model, TextCollator(tokenizer, cfg.max_length)
     if kind == "image":
         from torchvision import transforms as T

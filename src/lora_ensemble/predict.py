@@ -24,6 +24,7 @@ from .metrics import predictive
 from .run_config import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
 
 def read_inputs(path: str, modality: str, sample_rate: int | None = None) -> list[tuple[str, Any]]:
@@ -31,6 +32,17 @@ def read_inputs(path: str, modality: str, sample_rate: int | None = None) -> lis
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"--input {path!r} not found")
+    try:
+        return _read_inputs(p, path, modality, sample_rate)
+    except UnicodeDecodeError as e:
+        from .data._io import not_utf8
+
+        raise ConfigError(f"--input {not_utf8(path, e)}") from None
+    except OSError as e:  # an unreadable image or audio file, a folder without permission
+        raise ConfigError(f"--input {path}: {e}") from None
+
+
+def _read_inputs(p: Path, path: str, modality: str, sample_rate: int | None) -> list[tuple[str, Any]]:
     if modality == "text":
         if p.suffix == ".csv":
             with open(p, newline="", encoding="utf-8") as f:
@@ -42,8 +54,11 @@ def read_inputs(path: str, modality: str, sample_rate: int | None = None) -> lis
             items = []
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
                 if line.strip():
-                    record = json.loads(line)
-                    if "text" not in record:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ConfigError(f"{path}, line {i + 1}: not valid JSON ({e.msg})") from None
+                    if not isinstance(record, dict) or "text" not in record:
                         raise ConfigError(f"{path}, line {i + 1}: a JSON lines input needs a 'text' field")
                     items.append((str(record.get("id", i)), record["text"]))
             return items
@@ -61,7 +76,9 @@ def read_inputs(path: str, modality: str, sample_rate: int | None = None) -> lis
 
 @torch.no_grad()
 def predict_items(run: Any, items: list[tuple[str, Any]], batch_size: int = 32) -> list[dict[str, Any]]:
-    names = run.splits.class_names
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    names = run.info.class_names
     method = run.module.method.eval()
     rows = []
     for start in range(0, len(items), batch_size):
@@ -79,18 +96,31 @@ def predict_items(run: Any, items: list[tuple[str, Any]], batch_size: int = 32) 
     return rows
 
 
+def check_output(output: str | None) -> None:
+    """--output must be a .csv or .jsonl file name (not a folder)."""
+    if output is None:
+        return
+    if os.path.isdir(output):
+        raise ConfigError(f"--output {output!r} is a folder; name a .csv or .jsonl file")
+    if os.path.splitext(output)[1].lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"--output {output!r}: unknown extension; use .csv (a table) or .jsonl (JSON lines)")
+
+
 def predict_file(checkpoint: str, input_path: str, output: str | None, batch_size: int = 32) -> list[dict[str, Any]]:
     from .runner import load_run
 
-    run = load_run(checkpoint)
-    items = read_inputs(input_path, run.splits.modality, run.splits.sample_rate)
+    check_output(output)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    run = load_run(checkpoint, with_data=False)
+    items = read_inputs(input_path, run.info.modality, run.info.sample_rate)
     if not items:
-        raise ConfigError(f"--input {input_path!r} holds no {run.splits.modality} inputs")
+        raise ConfigError(f"--input {input_path!r} holds no {run.info.modality} inputs")
     rows = predict_items(run, items, batch_size)
     if output is None:
         for row in rows:
             print(json.dumps(row))
-    elif output.endswith(".csv"):
+    elif output.lower().endswith(".csv"):
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -179,9 +179,23 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None)
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{os.fspath(path)} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{os.fspath(path)} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{os.fspath(path)} is not valid YAML: {yaml_problem(e)}") from None
+    if data is not None and not isinstance(data, dict):
+        return parse_run_config(data)  # raises: names what a run config is
     return parse_run_config(apply_overrides(data or {}, overrides or []))
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """'line L, column C: <problem>' of a YAML parse error (1-based, as editors count)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + problem + (f" ({context})" if context else "")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -192,8 +206,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section (`model:` with nothing under it)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_problem(e)})") from None
     return data

@@ -2,6 +2,7 @@
 
     run_dir/
       run_config.yaml            the resolved config (what `evaluate` / `predict` rebuild from)
+      run_info.json              class names, modality, preprocessing: `predict` needs no data set (see run_info)
       checkpoints/last.ckpt      Lightning checkpoints (trainable tensors only; `--resume` continues from last)
       model/weights.safetensors  the trained method's trainable tensors and buffers, by name
       results.json               test metrics (in-distribution and OOD), timings, parameter counts
@@ -9,9 +10,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +28,14 @@ from torch.utils.data import DataLoader, Sampler
 
 from .config import atomic_write_bytes
 from .data import DatasetSplits, load_dataset
-from .methods import accepts_option, build_method
+from .methods import METHODS, accepts_option, build_method
+from .methods.lora import CONFIG_FIELDS as LORA_FIELDS
 from .metrics import fit_temperature
 from .models import build_model
+from .config import LoraEnsembleConfig
 from .run_config import ConfigError, RunConfig, load_run_config
+from .progress import has_bar, progress_callbacks
+from .run_info import INFO_FILE, RunInfo, read_run_info
 from .ensemble import LoraEnsemble
 from .training import (AtomicCheckpointIO, EnsembleModule, EpochShuffleSampler, EpochTimer, EvaluationSampler,
                        IndexedDataset, WithSampleIds)
@@ -43,9 +50,10 @@ class Run:
     """Everything a run is made of, built from a RunConfig."""
 
     config: RunConfig
-    splits: DatasetSplits
+    splits: DatasetSplits | None  # None for a run rebuilt for `predict` (load_run(with_data=False))
     collate: Any
     module: EnsembleModule
+    info: RunInfo | None = None   # class names, modality, sample rate (run_info.json)
 
     def loader(self, split: str, shuffle: bool = False, world_size: int = 1, rank: int = 0) -> DataLoader | None:
         dataset = self.splits.split(split) if split != "ood" else self.splits.ood
@@ -68,14 +76,50 @@ class Run:
                           num_workers=d.num_workers)
 
 
-def build_run(config: RunConfig) -> Run:
-    """Load data, build the model and the method, wrap them in the training module."""
-    L.seed_everything(config.seed, verbose=False)
+def check_method(config: RunConfig) -> None:
+    """The method's name, its option names and the option values that need no model, checked before the data
+    and the model load (a mistake there would otherwise be reported after the model's loading time)."""
+    name, options = config.method.name, dict(config.method.options)
+    if name not in METHODS:
+        raise ConfigError(f"method: unknown method {name!r}; known methods: {sorted(METHODS)}")
+    num_members = 1 if name == "single_lora" else options.pop("num_members", 4)
+    options.pop("num_members", None)
+    params = inspect.signature(METHODS[name]).parameters
+    accepted = set(params) - {"model", "num_members"}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):  # builders taking **options take LoRA fields
+        accepted = (accepted - {p for p, v in params.items() if v.kind is v.VAR_KEYWORD}) | set(LORA_FIELDS)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(f"method: unknown option(s) {unknown} for method {name!r}; it accepts {sorted(accepted)}")
+    shared = set(options) & set(LORA_FIELDS)  # the same meaning in every method that takes them ...
+    if name == "batch_ensemble":
+        shared -= {"init", "init_std"}          # ... except BatchEnsemble's own fast-weight init
     try:
-        splits = load_dataset(config.data.name, **config.data.options)
-    except TypeError as e:  # unknown / missing loader arguments
-        raise ConfigError(f"data: {e}") from None
-    model, collate = build_model(config.model, splits.num_classes, splits.modality, splits.sample_rate)
+        LoraEnsembleConfig(num_members=num_members, **{k: options[k] for k in shared})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"method: {e}") from None
+
+
+def build_run(config: RunConfig, info: RunInfo | None = None, with_data: bool = True) -> Run:
+    """Load data, build the model and the method, wrap them in the training module.
+
+    `info` (a finished run's run_info.json) fixes the classes: loaded data must have the same ones; with
+    `with_data=False` no data is loaded at all (`predict`) and the model is built from `info` alone."""
+    check_method(config)
+    L.seed_everything(config.seed, verbose=False)
+    splits = None
+    if with_data or info is None:
+        try:
+            splits = load_dataset(config.data.name, **config.data.options)
+        except TypeError as e:  # unknown / missing loader arguments
+            raise ConfigError(f"data: {e}") from None
+        loaded = RunInfo.from_splits(splits, config.model)
+        if info is not None and loaded.class_names != info.class_names:
+            new = [c for c in loaded.class_names if c not in info.class_names]
+            raise ConfigError(f"data: the data has class(es) {new or loaded.class_names} but the run was trained "
+                              f"on {info.class_names}" + ("" if new else " (in this order)"))
+        info = info or loaded
+    model, collate = build_model(config.model, info.num_classes, info.modality, info.sample_rate)
     options = dict(config.method.options)
     if accepts_option(config.method.name, "seed"):
         options.setdefault("seed", config.seed)
@@ -84,7 +128,7 @@ def build_run(config: RunConfig) -> Run:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method: {e}") from None
     t = config.training
-    weights = splits.class_weights().tolist() if t.class_weights else None
+    weights = splits.class_weights().tolist() if t.class_weights and splits is not None else None
     trunk_cache = None
     if t.cache_trunk:
         if not isinstance(method, LoraEnsemble):
@@ -96,12 +140,12 @@ def build_run(config: RunConfig) -> Run:
             raise ConfigError(f"training.cache_trunk: {e}") from None
     module = EnsembleModule(method, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
                             loss_reduction=t.loss_reduction, class_weights=weights, trunk_cache=trunk_cache)
-    return Run(config, splits, collate, module)
+    return Run(config, splits, collate, module, info)
 
 
 def make_trainer(config: RunConfig, run_dir: str | None, max_epochs: int | None = None) -> L.Trainer:
     t = config.training
-    callbacks: list[L.Callback] = [EpochTimer()]
+    callbacks: list[L.Callback] = [EpochTimer(), *progress_callbacks(t.progress_bar)]  # bar or epoch lines
     if run_dir is not None:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"),
                                                              save_last=True, save_top_k=0, every_n_epochs=1))
@@ -110,7 +154,7 @@ def make_trainer(config: RunConfig, run_dir: str | None, max_epochs: int | None 
         accumulate_grad_batches=t.accumulate_grad_batches, precision=t.precision, accelerator=t.accelerator,
         devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs") if run_dir else False,
-        enable_checkpointing=run_dir is not None, enable_progress_bar=t.progress_bar, enable_model_summary=False,
+        enable_checkpointing=run_dir is not None, enable_progress_bar=has_bar(callbacks), enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=run_dir,
         inference_mode=False,  # no_grad instead: tensors keep version counters, which the shared trunk checks
         check_val_every_n_epoch=t.val_every_n_epochs,
@@ -127,11 +171,14 @@ def total_steps(config: RunConfig, train_size: int, world_size: int = 1) -> int:
     return t.epochs * max(1, math.ceil(batches / t.accumulate_grad_batches))
 
 
-def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int | None = None
-        ) -> tuple[dict[str, Any], Run]:
+def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int | None = None,
+        overwrite: bool = False) -> tuple[dict[str, Any], Run]:
     """Train, evaluate on the test (and OOD) split, write the run folder; returns (results.json's content,
-    the Run with the trained module)."""
-    os.makedirs(run_dir, exist_ok=True)
+    the Run with the trained module).
+
+    Everything (config, data, model, method, trainer settings) is validated before anything is written, so a
+    failing call leaves run_dir as it was. `overwrite` then removes what an earlier run wrote there (results,
+    weights, checkpoints), so the folder never mixes two runs."""
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     if resume and not os.path.isfile(last):
         raise ConfigError(f"--resume: no checkpoint at {last}")
@@ -140,10 +187,18 @@ def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int |
         previous = load_run_config(saved)
         if previous.to_dict() != config.to_dict():
             raise ConfigError(f"--resume: the config differs from the one the run in {run_dir} started with")
-    atomic_write_bytes(saved, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
-
     run = build_run(config)
-    trainer = make_trainer(config, run_dir, max_epochs)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        trainer = make_trainer(config, run_dir, max_epochs)
+    except (MisconfigurationException, ValueError) as e:  # accelerator, devices, precision, strategy
+        raise ConfigError(f"training: {str(e).splitlines()[0]}") from None
+    if overwrite and launch_rank() == 0:
+        remove_run_outputs(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_bytes(saved, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    run.info.write(run_dir)
     ws, rank = trainer.world_size, trainer.global_rank
     run.module.total_steps = total_steps(config, len(run.splits.train), ws)
     start = time.perf_counter()
@@ -211,20 +266,54 @@ def write_weights(module: EnsembleModule, path: str) -> None:
     atomic_write_bytes(path, save(tensors, meta))
 
 
-def load_run(run_dir: str, overrides: list[str] | None = None) -> Run:
-    """Rebuild a finished run from its folder (run_config.yaml + model/weights.safetensors)."""
+def load_run(run_dir: str, overrides: list[str] | None = None, with_data: bool = True) -> Run:
+    """Rebuild a finished run from its folder (run_config.yaml, run_info.json, model/weights.safetensors).
+
+    `with_data=False` (predict) loads no data set: classes, modality and preprocessing come from run_info.json
+    (runs written before it existed still load their data for the class names)."""
+    from safetensors import SafetensorError, safe_open
+
     config_path, weights_path = os.path.join(run_dir, CONFIG_FILE), os.path.join(run_dir, WEIGHTS_FILE)
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise ConfigError(f"{path} not found: --checkpoint must be a run folder written by `lora-ensemble fit`")
-    run = build_run(load_run_config(config_path, overrides))
-    tensors = load_file(weights_path)
+    try:
+        tensors = load_file(weights_path)
+        with safe_open(weights_path, "pt") as f:
+            temperature = float((f.metadata() or {}).get("temperature", 1.0))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"{weights_path} cannot be read ({e}): the file is damaged or truncated; "
+                          "train the run again (lora-ensemble fit --overwrite)") from None
+    run = build_run(load_run_config(config_path, overrides), read_run_info(run_dir), with_data=with_data)
     expected = run.module.trainable_state()
-    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
-        raise ConfigError(f"{weights_path} does not fit the model built from {config_path}")
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        details = "; ".join(f"{what}: {items[:3]}" for what, items in
+                            (("missing", missing), ("unexpected", unexpected), ("shape (file vs model)", shapes))
+                            if items)
+        raise ConfigError(f"{weights_path} does not fit the model built from {config_path} ({details})")
     run.module.load_state_dict(tensors, strict=False)
-    from safetensors import safe_open
-
-    with safe_open(weights_path, "pt") as f:
-        run.module.temperature = float((f.metadata() or {}).get("temperature", 1.0))
+    run.module.temperature = temperature
     return run
+
+
+RUN_OUTPUTS = ("results.json", "evaluation.json", INFO_FILE, "model", "checkpoints")
+
+
+def remove_run_outputs(run_dir: str) -> None:
+    """Remove what `fit` wrote into run_dir besides its config and logs (fit --overwrite)."""
+    for name in RUN_OUTPUTS:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher set it (torchrun, SLURM, Lightning's DDP child processes), before
+    any Trainer exists; 0 when nothing says otherwise. Lightning's children re-run the command line."""
+    ranks = [os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")]
+    return next((int(r) for r in ranks if r not in (None, "", "0") and r.lstrip("-").isdigit()), 0)

@@ -163,7 +163,7 @@ class EnsembleModule(L.LightningModule):
         self.last_outputs[stage] = (logits, labels, ood_logits)
         scalars = {f"{stage}/{k}": float(v) for k, v in metrics.items() if not isinstance(v, list)}
         self.log_dict(scalars, prog_bar=False, sync_dist=False, rank_zero_only=True)
-        self.log(f"{stage}/acc_", metrics["acc"], prog_bar=True, rank_zero_only=True)
+        self.log(f"{stage}/acc_", metrics["acc"], prog_bar=True, logger=False, rank_zero_only=True)  # bar only
 
     def all_gather_cat(self, parts: list[Tensor], dim: int) -> Tensor:
         """This process's parts concatenated along `dim`; under DDP, every process's, in rank order.

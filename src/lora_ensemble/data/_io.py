@@ -37,19 +37,28 @@ def read_table(
         raise FileNotFoundError(f"missing {path}; expected {layout}")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with open(path, newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file, delimiter=delimiter, quoting=quoting)
-        header = reader.fieldnames or []
-        missing = [column for column in columns if column not in header]
-        if missing:
-            raise ValueError(f"{path} lacks column(s) {missing} (header: {header}); expected {layout}")
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            reader = csv.DictReader(file, delimiter=delimiter, quoting=quoting)
+            header = reader.fieldnames or []
+            missing = [column for column in columns if column not in header]
+            if missing:
+                raise ValueError(f"{path} lacks column(s) {missing} (header: {header}); expected {layout}")
+            rows = list(reader)
+    except UnicodeDecodeError as error:
+        raise ValueError(not_utf8(path, error)) from None
     if not rows:
         raise ValueError(f"{path} has a header but no rows; expected {layout}")
     for number, row in enumerate(rows, start=2):
         if any(row.get(column) is None for column in columns):
             raise ValueError(f"{path} line {number} has fewer fields than the header {header}")
     return rows
+
+
+def not_utf8(path: str | Path, error: UnicodeDecodeError) -> str:
+    """The message for a file that is not UTF-8 text: the file, the byte offset and what to do."""
+    return (f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+            "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
 
 
 def open_rgb(path: str | Path):

@@ -17,6 +17,8 @@ from .base import DatasetSplits, RawDataset
 
 __all__ = ["load_image_folder", "load_csv", "load_hf_dataset"]
 
+UNSEEN_MODES = ("error", "ood")
+
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 IMAGE_LAYOUT = "<root>/<class>/<image files> or <root>/{train,val,test}/<class>/<image files> (val/test optional)"
 
@@ -130,6 +132,33 @@ def _label_ids(raw: list[str], class_names: Sequence[str] | None, where: str) ->
     return [names.index(value) for value in raw], names
 
 
+def unseen_label_rows(labels: Mapping[str, Sequence], files: Mapping[str, str], mode: str) -> dict[str, list[int]]:
+    """Rows of the val/test splits whose label no training row has, ``{split: row indices}``.
+
+    Such a label would become a class the model never trains on. ``mode="error"`` refuses it, naming the label
+    and the file; ``mode="ood"`` returns the rows, for the caller to move them to the out-of-distribution set.
+    """
+    if mode not in UNSEEN_MODES:
+        raise ValueError(f"unseen_test_labels={mode!r} is not accepted; expected 'error' (refuse labels that no "
+                         "training row has) or 'ood' (treat their rows as out-of-distribution data)")
+    seen = set(labels["train"])
+    found = {}
+    for split, values in labels.items():
+        rows = [i for i, value in enumerate(values) if value not in seen] if split != "train" else []
+        if rows:
+            found[split] = rows
+    if found and mode == "error":
+        split, rows = next(iter(found.items()))
+        unseen = sorted({str(labels[split][i]) for i in rows})
+        raise ValueError(
+            f"label(s) {unseen[:5]} of {files[split]} ({len(rows)} {split} row(s)) appear in no row of the training "
+            f"data {files['train']}: the model would get a class it never trains on. Remove those rows, add "
+            "training rows with that label, or set unseen_test_labels: ood (data.unseen_test_labels in a run "
+            "config) to evaluate them as out-of-distribution data"
+        )
+    return found
+
+
 def load_csv(
     path_or_paths,
     text_column: str = "text",
@@ -138,6 +167,7 @@ def load_csv(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     seed: int = 0,
+    unseen_test_labels: str = "error",
 ) -> DatasetSplits:
     """Load a text-classification task from CSV files (``.tsv``/``.tab`` files are read tab-separated).
 
@@ -151,6 +181,8 @@ def load_csv(
             ``class_names`` (default: the sorted distinct labels of all files).
         val_fraction, test_fraction: share of train carved out for missing val / test splits.
         seed: the same seed always gives the same split.
+        unseen_test_labels: a val/test row whose label no training row has is refused (``"error"``, naming the
+            label and the file) or moved, with label ``-1``, to the out-of-distribution set ``ood`` (``"ood"``).
     """
     paths = _csv_paths(path_or_paths)
     layout = f"a header row with columns {text_column!r} and {label_column!r}, one example per row"
@@ -158,6 +190,20 @@ def load_csv(
     for split, path in paths.items():
         delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
         tables[split] = read_table(path, (text_column, label_column), layout, delimiter=delimiter)
+    values = {split: [row[label_column].strip() for row in rows] for split, rows in tables.items()}
+    for split, labels in values.items():
+        if "" in labels:
+            raise ValueError(f"column {label_column!r} of {paths[split]}: {labels.count('')} row(s) have an empty label")
+    integer = all(re.fullmatch(r"\d+", v) for labels in values.values() for v in labels)
+    keys = {split: [int(v) if integer else v for v in labels] for split, labels in values.items()}
+    unseen = unseen_label_rows(keys, {split: str(path) for split, path in paths.items()}, unseen_test_labels)
+    ood_texts = []
+    for split, rows in unseen.items():
+        drop = set(rows)
+        ood_texts += [tables[split][i][text_column] for i in rows]
+        tables[split] = [row for i, row in enumerate(tables[split]) if i not in drop]
+        if not tables[split]:
+            raise ValueError(f"{paths[split]} has no row with a label of the training data; nothing is left to {split} on")
     raw = [row[label_column].strip() for rows in tables.values() for row in rows]
     labels, names = _label_ids(raw, class_names, f"column {label_column!r} of {', '.join(map(str, paths.values()))}")
     given, start = {}, 0
@@ -167,7 +213,8 @@ def load_csv(
     splits = complete_splits(given, val_fraction, test_fraction, seed)
     if len(names) < 2:
         raise ValueError(f"column {label_column!r} has a single class {names}; classification needs at least 2")
-    return DatasetSplits(**splits, class_names=names, modality="text")
+    ood = RawDataset(ood_texts, [-1] * len(ood_texts)) if ood_texts else None
+    return DatasetSplits(**splits, class_names=names, modality="text", ood=ood)
 
 
 HF_SPLITS = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
@@ -183,6 +230,11 @@ def _hf_item(dataset: Any, column: str, index: int):
     return dataset[int(index)][column].convert("RGB")
 
 
+def _hf_ref_item(source: tuple[Any, str, int]):
+    """``(dataset, column, index)`` -> that item as an RGB PIL image (OOD items gathered from several splits)."""
+    return _hf_item(*source)
+
+
 def load_hf_dataset(
     name_or_path: str,
     text_column: str = "text",
@@ -194,6 +246,7 @@ def load_hf_dataset(
     test_fraction: float = 0.1,
     seed: int = 0,
     cache_dir: str | None = None,
+    unseen_test_labels: str = "error",
 ) -> DatasetSplits:
     """Load a classification dataset with Hugging Face ``datasets.load_dataset(name_or_path, config)``.
 
@@ -208,6 +261,8 @@ def load_hf_dataset(
         text_column: input text column (modality ``"text"``); ignored when ``image_column`` is given.
         image_column: input image column (an ``Image`` feature; modality ``"image"``, decoded lazily).
         label_column: the label column (``ClassLabel`` or plain ints/strings).
+        unseen_test_labels: as in :func:`load_csv`: a val/test label no training row has is refused (``"error"``)
+            or its rows become the out-of-distribution set (``"ood"``).
     """
     try:
         import datasets
@@ -245,6 +300,14 @@ def load_hf_dataset(
     feature = getattr(found["train"], "features", {}).get(label_column)
     raw = {split: list(dataset[label_column]) for split, dataset in found.items()}
     found = {split: d for split, d in found.items() if split == "train" or not _unlabelled(raw[split])}
+    keys = {split: [str(v).strip() for v in raw[split]] for split in found}
+    unseen = unseen_label_rows(keys, {s: f"split {s!r} of {name_or_path!r}" for s in found}, unseen_test_labels)
+    keep = {split: sorted(set(range(len(raw[split]))) - set(unseen.get(split, ()))) for split in found}
+    for split, rows in keep.items():
+        if not rows:
+            raise ValueError(f"split {split!r} of {name_or_path!r} has no row with a label of the training data")
+    ood_rows = [(found[split], i) for split, rows in unseen.items() for i in rows]
+    raw = {split: [raw[split][i] for i in keep[split]] for split in found}
     if getattr(feature, "names", None) is not None:
         names = list(class_names) if class_names is not None else list(feature.names)
         labels = {split: [int(v) for v in raw[split]] for split in found}
@@ -258,8 +321,14 @@ def load_hf_dataset(
     for split, dataset in found.items():
         if image_column:
             load = partial(_hf_item, dataset, image_column)
-            given[split] = RawDataset(list(range(len(dataset))), labels[split], load=load)
+            given[split] = RawDataset(keep[split], labels[split], load=load)
         else:
-            given[split] = RawDataset(list(dataset[text_column]), labels[split])
+            texts = list(dataset[text_column])
+            given[split] = RawDataset([texts[i] for i in keep[split]], labels[split])
+    ood = None
+    if ood_rows and image_column:
+        ood = RawDataset([(d, image_column, i) for d, i in ood_rows], [-1] * len(ood_rows), load=_hf_ref_item)
+    elif ood_rows:
+        ood = RawDataset([d[int(i)][text_column] for d, i in ood_rows], [-1] * len(ood_rows))
     splits = complete_splits(given, val_fraction, test_fraction, seed)
-    return DatasetSplits(**splits, class_names=names, modality="image" if image_column else "text")
+    return DatasetSplits(**splits, class_names=names, modality="image" if image_column else "text", ood=ood)
