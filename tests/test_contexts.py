@@ -209,6 +209,17 @@ def test_gradient_checkpointing_in_training(family):
     assert_grads_isolated_and_frozen_unchanged(ens, lambda: call(ens, batch))
 
 
+@pytest.mark.parametrize("family", sorted(CHECKPOINTING - {"llama_cls"}))  # llama_cls: no shared trunk at all
+def test_gradient_checkpointing_with_the_shared_trunk_is_refused_in_training(family):
+    ens, make_batch = wrap(family, layers=[-1], share_trunk=True)
+    _enable_checkpointing(ens.model)
+    batch = batch_of(make_batch)
+    with pytest.raises(ValueError, match="share_trunk does not work with gradient checkpointing"):
+        call(ens.train(), batch)
+    with torch.no_grad():                        # evaluation has no recomputation: fine
+        assert_members_match(call(ens.eval(), batch), members_of(ens, batch, context=torch.no_grad), EXACT)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_dropout(family):
     ens, make_batch = wrap(family, lora_dropout=0.3)

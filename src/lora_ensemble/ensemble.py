@@ -119,6 +119,12 @@ class LoraEnsemble(nn.Module):
                 args, kwargs = repeat_batch(args, kwargs, batch_size, M, source=source)
                 output = output_tensor(self.model(*args, **kwargs))
             else:  # shared trunk: inputs stay B rows until the first adapted block (see trunk.py)
+                if torch.is_grad_enabled() and gradient_checkpointing(self.model):
+                    raise ValueError(
+                        "share_trunk does not work with gradient checkpointing: a checkpointed block is recomputed "
+                        "in backward without the repeat of the batch at the first adapted block. Use one of them "
+                        "(with share_trunk the frozen trunk blocks keep no activations for backward anyway)"
+                    )
                 output = shared_trunk_forward(self.model, self.trunk_end, M, batch_size, args, kwargs,
                                               self.row_contract)
         finally:
@@ -261,6 +267,12 @@ def _no_autocast() -> contextlib.ExitStack:
     for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
         stack.enter_context(torch.autocast(device, enabled=False))
     return stack
+
+
+def gradient_checkpointing(model: nn.Module) -> bool:
+    """Whether Hugging Face's (`gradient_checkpointing`) or timm's (`grad_checkpointing`) switch is on in `model`."""
+    return any(getattr(m, "gradient_checkpointing", False) is True or getattr(m, "grad_checkpointing", False) is True
+               for m in model.modules())
 
 
 def frozen_dtype(model: nn.Module) -> torch.dtype | None:
