@@ -156,7 +156,7 @@ def make_trainer(config: RunConfig, run_dir: str | None, max_epochs: int | None 
         plugins=[AtomicCheckpointIO()], logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs") if run_dir else False,
         enable_checkpointing=run_dir is not None, enable_progress_bar=has_bar(callbacks), enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=run_dir,
-        inference_mode=False,  # no_grad instead: tensors keep version counters, which the shared trunk checks
+        inference_mode=True,  # evaluation under torch.inference_mode, as Lightning does by default
         check_val_every_n_epoch=t.val_every_n_epochs,
     )
 
