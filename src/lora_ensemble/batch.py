@@ -86,16 +86,15 @@ class MemberModule(nn.Module):
         into the batch sample by sample: (B, nW, ...) -> (B*nW, ...), keeping member-major order) accepts any
         multiple K*M*B of the contract's rows."""
         M, axis = self.num_members, self.member_axis
-        where = f"{type(self).__name__} {self.member_name!r}" if self.member_name else type(self).__name__
         if x.dim() <= axis:
-            raise ValueError(f"{where} received a tensor of shape {tuple(x.shape)}, which has no member axis "
-                             f"(dimension {axis})")
+            raise ValueError(f"{self._where()} received a tensor of shape {tuple(x.shape)}, which has no member "
+                             f"axis (dimension {axis})")
         rows = x.shape[axis]
         contract = self.row_contract
         expected = contract.rows if contract is not None else None
         if expected is not None and rows != expected and not (self.folds_batch and rows % expected == 0):
             raise ValueError(
-                f"{where} received {rows} rows along dimension {axis} (input shape {tuple(x.shape)}), but this "
+                f"{self._where()} received {rows} rows along dimension {axis} (input shape {tuple(x.shape)}), but this "
                 f"forward gives every member-aware module {M} members x batch {expected // M} = {expected} rows. "
                 "Its members would be mixed: the module sees a tensor whose batch is not on dimension "
                 f"{axis} (e.g. a sequence-first layout), or the model reshapes the batch. Leave this module out "
@@ -105,10 +104,13 @@ class MemberModule(nn.Module):
             )
         if rows % M:
             raise ValueError(
-                f"{where} received {rows} rows along dimension {axis}, not a multiple of num_members={M}; "
+                f"{self._where()} received {rows} rows along dimension {axis}, not a multiple of num_members={M}; "
                 "call the model through its ensemble, which repeats the batch member-major"
             )
         return rows // M
+
+    def _where(self) -> str:
+        return f"{type(self).__name__} {self.member_name!r}" if self.member_name else type(self).__name__
 
 
 def expand_batch(args: tuple, kwargs: dict, num_members: int) -> tuple[int, tuple, dict]:
