@@ -58,18 +58,21 @@ def quiet(verbose: bool) -> Iterator[None]:
 
     loggers = {name: logging.getLogger(name) for name in NOISY}
     levels = {name: logger.level for name, logger in loggers.items()}
-    verbosity = transformers.logging.get_verbosity()
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"(%s)(\.|$)" % "|".join(n.replace(".", r"\.") for n in NOISY))
         for logger in loggers.values():
             logger.setLevel(logging.ERROR)
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # "Loading weights: 100%|..."
         try:
             yield
         finally:
             for name, logger in loggers.items():
                 logger.setLevel(levels[name])
             transformers.logging.set_verbosity(verbosity)
+            if bars:
+                transformers.logging.enable_progress_bar()
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
