@@ -71,6 +71,7 @@ class TrainingConfig:
     val_every_n_epochs: int = 1
     cache_trunk: bool = False  # keep the frozen trunk's outputs per training sample (needs method.share_trunk)
     temperature_scaling: bool = False
+    checkpoint_every_n_steps: int = 100  # checkpoints/last.ckpt also every n optimizer steps (0: only at epoch ends)
     progress_bar: bool = True
 
 
@@ -164,6 +165,9 @@ def parse_run_config(data: Any) -> RunConfig:
         raise ConfigError(f"training.loss_reduction: expected 'mean' or 'sum', got {t.loss_reduction!r}")
     if t.epochs < 1 and t.max_steps < 1:
         raise ConfigError("training.epochs must be >= 1 (or set training.max_steps)")
+    if t.checkpoint_every_n_steps < 0:
+        raise ConfigError("training.checkpoint_every_n_steps must be >= 0 (0: a checkpoint only at the end of every "
+                          f"epoch), got {t.checkpoint_every_n_steps}")
     if t.lr <= 0:
         raise ConfigError(f"training.lr must be > 0, got {t.lr}")
     if cfg.data.batch_size < 1:
