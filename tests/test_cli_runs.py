@@ -114,3 +114,17 @@ def test_the_progress_bar_counts_epochs_from_one_of_all():
                         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(BoringModel())
     assert bar.train_progress_bar.desc.startswith("Epoch 3/3")
+
+
+def test_ddp_processes_after_the_first_accept_the_folder_the_first_one_wrote(tmp_path, monkeypatch):
+    """Lightning's DDP children re-run `lora-ensemble fit`: only the launching process may refuse the folder."""
+    from lora_ensemble.cli import check_run_dir
+
+    (tmp_path / "run_config.yaml").write_text("seed: 0\n")  # what rank 0 wrote before starting the children
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match="already holds files"):
+        check_run_dir(str(tmp_path), resume=False, overwrite=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")  # one SLURM task launching Lightning's children ...
+    monkeypatch.setenv("LOCAL_RANK", "1")   # ... and the second of them
+    check_run_dir(str(tmp_path), resume=False, overwrite=False)
