@@ -198,3 +198,18 @@ def test_fit_trains_in_training_mode_even_when_the_model_arrives_in_eval_mode(tm
     trainer.callbacks.append(Probe())
     trainer.fit(run.module, run.loader("train", shuffle=True))
     assert modes and all(modes)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_snapshot_run_takes_its_last_member_after_the_last_optimizer_step(tmp_path, accumulate):
+    # 12 samples in batches of 2: 6 batches an epoch, 3 (accumulate=2) or 6 optimizer steps, over 2 epochs
+    raw = json.loads(json.dumps(TINY_RUN))
+    raw["method"] = {"name": "snapshot", "num_members": 3}
+    raw["data"].update(train_size=12, batch_size=2)
+    raw["training"].update(accumulate_grad_batches=accumulate, warmup_steps=0)
+    _, run = fit(parse_run_config(raw), str(tmp_path))
+    method = run.module.method
+    assert run.module.total_steps == 12 // accumulate == run.module.global_step
+    assert int(method.num_snapshots) == 3
+    for name, p in method.model.named_parameters():  # the last cycle ends with the run
+        assert torch.equal(method.snapshots.get_buffer(name)[2], p), name
