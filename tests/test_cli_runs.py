@@ -47,6 +47,12 @@ def test_fit_prints_one_line_per_epoch_when_stdout_is_not_a_terminal(trained):
         assert "train/loss " in line and "val/acc " in line and "val/nll " in line and line.endswith(" s")
 
 
+def test_the_metrics_log_has_each_metric_once(trained):
+    run, _ = trained
+    header = (run / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val/acc" in header and "val/acc_" not in header and "test/acc_" not in header
+
+
 def test_a_run_folder_predicts_after_its_data_moved(trained, tmp_path, capsys):
     run, _ = trained
     copy = tmp_path / "run"
