@@ -40,6 +40,8 @@ from .ensemble import LoraEnsemble
 from .training import (AtomicCheckpointIO, EnsembleModule, EpochShuffleSampler, EpochTimer, EvaluationSampler,
                        IndexedDataset, WithSampleIds)
 from .trunk import TrunkCache
+from .checkpointing import CHECKPOINT, ResumableLoader, RunCheckpoint, TrainingStopped, read_checkpoint, training_complete
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 CONFIG_FILE = "run_config.yaml"
 WEIGHTS_FILE = os.path.join("model", "weights.safetensors")
@@ -146,9 +148,9 @@ def build_run(config: RunConfig, info: RunInfo | None = None, with_data: bool = 
 def make_trainer(config: RunConfig, run_dir: str | None, max_epochs: int | None = None) -> L.Trainer:
     t = config.training
     callbacks: list[L.Callback] = [EpochTimer(), *progress_callbacks(t.progress_bar)]  # bar or epoch lines
-    if run_dir is not None:
-        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"),
-                                                             save_last=True, save_top_k=0, every_n_epochs=1))
+    if run_dir is not None:  # checkpoints/last.ckpt every n steps, every epoch and on SIGTERM (checkpointing.py)
+        callbacks.append(RunCheckpoint(os.path.join(run_dir, CHECKPOINT), t.checkpoint_every_n_steps,
+                                       epochs=t.epochs, max_steps=t.max_steps))
     return L.Trainer(
         max_epochs=max_epochs or t.epochs, max_steps=t.max_steps, gradient_clip_val=t.grad_clip,
         accumulate_grad_batches=t.accumulate_grad_batches, precision=t.precision, accelerator=t.accelerator,
@@ -182,6 +184,12 @@ def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int |
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     if resume and not os.path.isfile(last):
         raise ConfigError(f"--resume: no checkpoint at {last}")
+    if resume:
+        checkpoint = read_checkpoint(last)  # ConfigError for a truncated / corrupt file
+        if training_complete(checkpoint) and os.path.isfile(os.path.join(run_dir, "results.json")):
+            raise ConfigError(f"--resume: the run in {run_dir} has finished (see its results.json); "
+                              "there is nothing to resume")
+        del checkpoint
     saved = os.path.join(run_dir, CONFIG_FILE)
     if resume and os.path.isfile(saved):
         previous = load_run_config(saved)
@@ -201,20 +209,26 @@ def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int |
     run.info.write(run_dir)
     ws, rank = trainer.world_size, trainer.global_rank
     run.module.total_steps = total_steps(config, len(run.splits.train), ws)
-    start = time.perf_counter()
-    trainer.fit(run.module, run.loader("train", shuffle=True, world_size=ws, rank=rank),
-                run.loader("val", world_size=ws, rank=rank), ckpt_path=last if resume else None)
-    train_time = time.perf_counter() - start
-    if config.training.temperature_scaling:
-        calibrate(run, trainer)
-    results = test(run, trainer)
+    # the training loader keeps its place in the epoch's order, so a run resumed mid-epoch continues with
+    # the very next batch (Lightning alone would start the epoch's order again)
+    train_loader = ResumableLoader(run.loader("train", shuffle=True, world_size=ws, rank=rank), seed=config.seed)
+    checkpoints = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
+    try:
+        trainer.fit(run.module, train_loader, run.loader("val", world_size=ws, rank=rank),
+                    ckpt_path=last if resume else None)
+        segments = checkpoints.segments_s()  # training time of every segment, this one up to now
+        if config.training.temperature_scaling:
+            calibrate(run, trainer)
+        results = test(run, trainer)
+    except SIGTERMException:  # Lightning stops at the end of the batch; RunCheckpoint has written the checkpoint
+        raise TrainingStopped(checkpoints.stop_message()) from None
     from .diagnostics import collapse_warning  # one line on stderr when the predictions are all one class
 
     logits, labels, _ = run.module.last_outputs["test"]
     results["prediction_collapse"] = collapse_warning(logits, labels, run.splits.class_names,
                                                       warn=trainer.is_global_zero)
     timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
-    results.update(train_time_s=train_time, train_epoch_times_s=timer.epoch_times_s,
+    results.update(train_time_s=sum(segments), train_segments_s=segments, train_epoch_times_s=timer.epoch_times_s,
                    **parameter_counts(run.module.method))
     cache = run.module.trunk_cache
     if cache is not None:

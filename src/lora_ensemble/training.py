@@ -26,6 +26,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
 
+from .checkpointing import rng_states, set_rng_states
 from .metrics import evaluate
 from .trunk import TrunkCache
 
@@ -202,7 +203,7 @@ class EnsembleModule(L.LightningModule):
     # ---- checkpoints: trainable tensors (+ buffers) and the RNG state, nothing frozen ------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in self.frozen_names}
-        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        checkpoint["rng_state"] = rng_states()  # torch CPU, CUDA, Python, numpy: dropout masks continue exactly
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = {k for k in self.state_dict() if k not in self.frozen_names}
@@ -211,7 +212,7 @@ class EnsembleModule(L.LightningModule):
         if missing or unexpected:
             raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         if "rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["rng_state"]["torch"])
+            set_rng_states(checkpoint["rng_state"])
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Everything a checkpoint of this module holds: trainable parameters and buffers, by name."""
@@ -256,6 +257,7 @@ class EpochTimer(L.Callback):
     def __init__(self) -> None:
         self.epoch_times_s: list[float] = []
         self._start = self._last = 0.0
+        self._resumed_s = 0.0  # time the epoch resumed in the middle had before the stop
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._start = self._last = time.perf_counter()
@@ -265,6 +267,20 @@ class EpochTimer(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.epoch_times_s.append(self._last - self._start)
+        self._start = self._last  # nothing of the next epoch done yet (what a checkpoint now records)
+
+    # a resumed run continues the list; an epoch resumed in the middle adds the time it had before the stop
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_times_s": list(self.epoch_times_s), "epoch_so_far_s": self._last - self._start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch_times_s = [float(t) for t in state.get("epoch_times_s", [])]
+        self._resumed_s = float(state.get("epoch_so_far_s", 0.0))
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Lightning does not call on_train_epoch_start for an epoch resumed in the middle
+        now = time.perf_counter()
+        self._start, self._last = now - self._resumed_s, now
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -276,7 +292,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
-            torch.save(checkpoint, tmp)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # the rename must not reach the disk before the data (a node that dies)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

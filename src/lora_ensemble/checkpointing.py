@@ -1,0 +1,305 @@
+"""Checkpoints that a killed run resumes from exactly: `checkpoints/last.ckpt`, written atomically
+
+    every `training.checkpoint_every_n_steps` optimizer steps (0 = off), at the end of every epoch,
+    and when the process receives SIGTERM (SLURM's pre-emption signal) during training.
+
+A checkpoint holds everything that decides what training does next: the trainable tensors and buffers,
+the optimizer and the scheduler (Lightning), every RNG (torch CPU, CUDA when present, Python `random`,
+numpy; `EnsembleModule.on_save_checkpoint`), the loop counters (Lightning) and the position in the data
+order (`ResumableLoader`). A run resumed from it with `--resume` sees the same batches, dropout masks and
+learning rates as one that was never stopped, so its final weights and metrics are the same bit for bit.
+
+Mid-epoch, Lightning 2.6 restores only its loop counters: a plain DataLoader starts its epoch again from the
+first batch while the counters say k batches are done, so the resumed epoch would train on batches 0..N-k-1
+of the permutation a second time (Lightning warns "your dataloader is not resumable"). A loader with
+`state_dict` / `load_state_dict` is saved and restored with the loops; `ResumableLoader` is one: it records
+(epoch, batches handed out) and, restored, skips the first k * batch_size indices of that epoch's order.
+
+Step checkpoints are written after all of a batch's hooks ran (the method's `on_train_batch_end`, e.g.
+snapshot ensembles storing a member, runs after the callbacks' hook), just before the next batch is fetched.
+Exact resume assumes the data of one sample is the same every time it is loaded (no random augmentation in
+DataLoader workers: with `num_workers > 0` the workers' RNG restarts with the epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader, Sampler
+
+CHECKPOINT = os.path.join("checkpoints", "last.ckpt")
+
+
+class TrainingStopped(SystemExit):
+    """The process was asked to stop (SIGTERM); the message says where the checkpoint is. Uncaught, Python
+    prints the message as one line on stderr and exits with status 1."""
+
+
+# ---- RNG states ---------------------------------------------------------------------------------------
+def rng_states() -> dict[str, Any]:
+    """Every global RNG training draws from, as tensors and plain values (loadable with weights_only=True)."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state(legacy=False)
+    states["numpy"] = {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                       "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                       "gauss": float(np_state["gauss"])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` returned (entries missing from an older checkpoint are left alone)."""
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        s = states["numpy"]
+        np.random.set_state({"bit_generator": "MT19937", "state": {"key": s["key"].numpy().astype(np.uint32),
+                                                                      "pos": s["pos"]},
+                             "has_gauss": s["has_gauss"], "gauss": s["gauss"]})
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---- the position in the data order -----------------------------------------------------------------
+class _SkipSampler(Sampler[int]):
+    """`sampler` (an epoch sampler with `epoch` and `set_epoch`) that, once, starts epoch `skip_epoch` at
+    index `skip` of its order."""
+
+    def __init__(self, sampler: Any):
+        self.sampler = sampler
+        self.skip_epoch, self.skip = -1, 0
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        skip = self.skip if self.sampler.epoch == self.skip_epoch else 0
+        self.skip_epoch, self.skip = -1, 0
+        return islice(iter(self.sampler), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch (Lightning saves `state_dict()` in the checkpoint and
+    calls `load_state_dict` before the first batch of a resumed run).
+
+    state: {"epoch": e, "batches": k}, the batches of epoch e handed out so far. Restored, the next batch is
+    batch k of epoch e's order (or batch 0 of epoch e + 1 when k is the whole epoch). Workers are seeded from
+    (seed, epoch) by the loader's own generator, so starting an epoch does not draw from the global RNG."""
+
+    def __init__(self, loader: DataLoader, seed: int):
+        if not callable(getattr(loader.sampler, "set_epoch", None)) or not hasattr(loader.sampler, "epoch"):
+            raise ValueError(f"ResumableLoader needs an epoch sampler (set_epoch, epoch), got {type(loader.sampler).__name__}")
+        workers = loader.num_workers
+        super().__init__(loader.dataset, batch_size=loader.batch_size, sampler=_SkipSampler(loader.sampler),
+                         collate_fn=loader.collate_fn, num_workers=workers, pin_memory=loader.pin_memory,
+                         drop_last=loader.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                         multiprocessing_context=loader.multiprocessing_context if workers else None,
+                         generator=torch.Generator(), prefetch_factor=loader.prefetch_factor if workers else None,
+                         persistent_workers=loader.persistent_workers if workers else False,
+                         pin_memory_device=loader.pin_memory_device)
+        self.seed = seed
+        self._epoch, self._batches = loader.sampler.epoch, 0
+        self.before_next: Callable[[], None] | None = None  # called once before the next batch is fetched
+
+    def __iter__(self) -> Iterator[Any]:  # a generator: nothing runs before the first batch is asked for
+        sampler = self.sampler
+        self.generator.manual_seed(self.seed * 1_000_003 + sampler.epoch)
+        self._epoch = sampler.epoch
+        self._batches = sampler.skip // self.batch_size if sampler.epoch == sampler.skip_epoch else 0
+        batches = super().__iter__()
+        while True:
+            if self.before_next is not None:
+                hook, self.before_next = self.before_next, None
+                hook()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self._epoch), "batches": int(self._batches)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):
+            epoch, batches = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip_epoch, self.sampler.skip = epoch, batches * self.batch_size
+        self._epoch, self._batches = epoch, batches
+
+
+# ---- the callback -----------------------------------------------------------------------------------------
+class RunCheckpoint(Checkpoint):
+    """Writes `path` (atomically, through the trainer's checkpoint IO) every `every_n_steps` optimizer steps,
+    at the end of every epoch, and on SIGTERM; keeps the training time across resumed segments.
+
+    State saved with the checkpoint: `segments_s` (training time of each segment up to this checkpoint),
+    `train_time_s` (their sum), `complete` (training had reached `epochs` / `max_steps`)."""
+
+    def __init__(self, path: str, every_n_steps: int = 0, epochs: int = 1, max_steps: int = -1):
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self.path, self.every_n_steps, self.epochs, self.max_steps = path, every_n_steps, epochs, max_steps
+        self.previous_segments_s: list[float] = []  # training time of the segments before this one
+        self.saved: dict[str, Any] | None = None     # where the latest checkpoint written by this process stands
+        self._segment_start = time.perf_counter()
+        self._trainer: L.Trainer | None = None
+        self._step_before_batch = 0
+        self._stepped = False       # the latest training batch ended with an optimizer step
+        self._at_epoch_end = False  # a checkpoint at the end of an epoch is being written
+        self._sigterm_deferred = False  # SIGTERM came in the middle of gradient accumulation
+
+    # ---- time ------------------------------------------------------------------------------------------
+    def segment_s(self) -> float:
+        return time.perf_counter() - self._segment_start
+
+    def train_time_s(self) -> float:
+        """Training time of all segments: the earlier ones up to their last checkpoint, and this one."""
+        return sum(self.previous_segments_s) + self.segment_s()
+
+    def segments_s(self) -> list[float]:
+        return [*self.previous_segments_s, self.segment_s()]
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._segment_start = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        segments = self.segments_s()
+        return {"train_time_s": sum(segments), "segments_s": segments, "complete": self._complete()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.previous_segments_s = [float(s) for s in state.get("segments_s", [])]
+
+    def _complete(self) -> bool:
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        epochs_done = trainer.current_epoch + (1 if self._at_epoch_end else 0)  # current_epoch: finished epochs
+        return epochs_done >= self.epochs or (self.max_steps > 0 and trainer.global_step >= self.max_steps)
+
+    # ---- when to write ---------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_before_batch = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._stepped = trainer.global_step != self._step_before_batch
+        self._defer_sigterm_to_the_optimizer_step(trainer)
+        if not (self.every_n_steps > 0 and self._stepped and trainer.global_step % self.every_n_steps == 0):
+            return
+        loader = _resumable_loader(trainer)
+        if loader is not None:
+            # after this batch's remaining hooks (the module's on_train_batch_end runs after the callbacks'),
+            # just before the next batch is fetched; an epoch's last batch is covered by the epoch's checkpoint
+            loader.before_next = lambda: self._save(trainer, at_epoch_end=False)
+        else:  # a plain training loader: a checkpoint now (resumes at the epoch's first batch, as Lightning does)
+            self._save(trainer, at_epoch_end=False)
+
+    def _defer_sigterm_to_the_optimizer_step(self, trainer: L.Trainer) -> None:
+        """Lightning stops at the end of the batch during which SIGTERM came. In the middle of gradient
+        accumulation that state cannot be saved (the accumulated gradients are not in a checkpoint), so the
+        stop waits for the window's optimizer step (at most accumulate_grad_batches - 1 more batches)."""
+        signals = getattr(trainer, "_signal_connector", None)
+        if signals is None or not hasattr(signals, "received_sigterm"):
+            return
+        if signals.received_sigterm and not self._stepped:
+            signals.received_sigterm, self._sigterm_deferred = False, True
+        elif self._sigterm_deferred and self._stepped:
+            signals.received_sigterm, self._sigterm_deferred = True, False
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        loader = _resumable_loader(trainer)
+        if loader is not None:
+            loader.before_next = None  # a step checkpoint due at the epoch's last batch: this one covers it
+        self._save(trainer, at_epoch_end=True)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        loader = _resumable_loader(trainer)
+        if loader is not None:
+            loader.before_next = None
+        if not isinstance(exception, SIGTERMException) or not trainer.training:
+            return  # stopped while validating: the latest checkpoint stands (its state is consistent)
+        if self.saved is not None and self.saved["position"] == (trainer.current_epoch, trainer.global_step):
+            return  # nothing trained since the latest checkpoint (e.g. stopped at the end of an epoch)
+        if self._stepped:  # between two batches, after an optimizer step: the state of a step checkpoint
+            self._save(trainer, at_epoch_end=False)
+
+    def _save(self, trainer: L.Trainer, at_epoch_end: bool) -> None:
+        self._at_epoch_end = at_epoch_end
+        try:
+            trainer.save_checkpoint(self.path)
+        finally:
+            self._at_epoch_end = False
+        epoch = trainer.current_epoch  # 0-based epoch being trained (at its end: the one that ends)
+        self.saved = {"position": (epoch + 1 if at_epoch_end else epoch, trainer.global_step),
+                      "where": f"{'at the end' if at_epoch_end else 'in the middle'} of epoch {epoch + 1}, "
+                               f"after {trainer.global_step} optimizer steps"}
+        if trainer.is_global_zero:
+            for stale in glob.glob(f"{glob.escape(self.path)}.tmp-*"):  # left by a process killed while writing
+                with contextlib.suppress(OSError):
+                    os.unlink(stale)
+
+    def stop_message(self, signal_name: str = "SIGTERM") -> str:
+        """One line: where the checkpoint is and how to continue."""
+        if self.saved is None and not os.path.isfile(self.path):
+            return f"stopped by {signal_name} before the first checkpoint was written; there is nothing to resume"
+        where = f" ({self.saved['where']})" if self.saved is not None else " (written before this segment)"
+        return (f"stopped by {signal_name}: checkpoint {self.path}{where}; "
+                "continue with the same `lora-ensemble fit` command and --resume")
+
+
+def _resumable_loader(trainer: L.Trainer) -> ResumableLoader | None:
+    combined = trainer.fit_loop._combined_loader
+    loaders = combined.flattened if combined is not None else []
+    return next((dl for dl in loaders if isinstance(dl, ResumableLoader)), None)
+
+
+# ---- reading a checkpoint before resuming ------------------------------------------------------------------
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The checkpoint at `path` as Lightning will load it; ConfigError if it is truncated or not a checkpoint."""
+    from .run_config import ConfigError
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, unpickling error ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--resume: {path} is not a readable checkpoint ({reason}); it may have been cut short "
+                          "or overwritten: delete it to train from the start") from None
+    missing = [k for k in ("state_dict", "loops", "optimizer_states") if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise ConfigError(f"--resume: {path} is not a training checkpoint of lora-ensemble (missing {missing})")
+    return checkpoint
+
+
+def training_complete(checkpoint: dict[str, Any]) -> bool:
+    """Whether the checkpoint was written when training had reached its end (all epochs / max_steps)."""
+    state = checkpoint.get("callbacks", {}).get(RunCheckpoint.__qualname__, {})
+    return bool(state.get("complete", False))
