@@ -7,9 +7,10 @@
     lora-ensemble compare --config X.yaml --methods a,b --seeds 3
     lora-ensemble benchmark                  speed and memory against the limit and the peers
 
-Mistakes (unknown key, wrong type, missing file, bad option) print one `error:` line and exit 2, before
-anything is written: a failed command never changes a run folder. Output is ours only; `--verbose` adds
-Lightning's and transformers' messages and warnings.
+Mistakes (unknown key, wrong type, missing or damaged file, bad option) print one `error:` line and exit 2,
+found before anything is written: a mistake never changes a run folder, and `fit` refuses a folder that holds
+a run unless --resume or --overwrite. Output is ours only; `--verbose` adds Lightning's and transformers'
+messages and warnings.
 """
 
 from __future__ import annotations
