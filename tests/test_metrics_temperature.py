@@ -105,3 +105,12 @@ def test_bad_temperature_arguments_raise():
         fit_temperature(z, y, bounds=(10.0, 1.0))
     with pytest.raises(ValueError, match="labels must lie in"):
         fit_temperature(z, np.full(20, 10))
+
+
+def test_a_temperature_at_its_upper_bound_stays_within_it():
+    from lora_ensemble.metrics import fit_temperature
+
+    labels = torch.tensor([0, 1, 0, 1])
+    logits = torch.tensor([[[5.0, -5.0], [5.0, -5.0], [-5.0, 5.0], [-5.0, 5.0]]])  # half sure and wrong
+    t = fit_temperature(logits, labels, bounds=(1e-2, 1e2))
+    assert t <= 1e2

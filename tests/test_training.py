@@ -213,3 +213,14 @@ def test_a_snapshot_run_takes_its_last_member_after_the_last_optimizer_step(tmp_
     assert int(method.num_snapshots) == 3
     for name, p in method.model.named_parameters():  # the last cycle ends with the run
         assert torch.equal(method.snapshots.get_buffer(name)[2], p), name
+
+
+def test_a_max_steps_beyond_the_epochs_plans_the_schedule_for_the_steps_that_run(tmp_path):
+    # 12 samples in batches of 2 for 2 epochs: 12 steps run, whatever larger max_steps says
+    raw = json.loads(json.dumps(TINY_RUN))
+    raw["method"] = {"name": "snapshot", "num_members": 3}
+    raw["data"].update(train_size=12, batch_size=2)
+    raw["training"].update(max_steps=100, warmup_steps=0)
+    _, run = fit(parse_run_config(raw), str(tmp_path))
+    assert run.module.total_steps == 12 == run.module.global_step
+    assert int(run.module.method.num_snapshots) == 3          # planned for 100 steps, it ended with none

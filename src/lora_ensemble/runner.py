@@ -167,10 +167,9 @@ def total_steps(config: RunConfig, train_size: int, world_size: int = 1) -> int:
     """Optimizer steps of the whole run, from the config alone (not from a trainer that may have been
     started with fewer epochs), so a resumed run follows the same learning-rate schedule."""
     t = config.training
-    if t.max_steps > 0:
-        return t.max_steps
     batches = math.ceil(math.ceil(train_size / world_size) / config.data.batch_size)
-    return t.epochs * max(1, math.ceil(batches / t.accumulate_grad_batches))
+    by_epochs = t.epochs * max(1, math.ceil(batches / t.accumulate_grad_batches))
+    return min(t.max_steps, by_epochs) if t.max_steps > 0 else by_epochs  # Lightning stops at the first reached
 
 
 def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int | None = None,

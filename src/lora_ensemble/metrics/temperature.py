@@ -98,7 +98,7 @@ def fit_temperature(
             d = left + _INVPHI * (right - left)
             fd = f(d)
     candidates = [(values[best], grid[best]), (fc, c), (fd, d)]
-    return math.exp(min(candidates)[1])
+    return min(hi, max(lo, math.exp(min(candidates)[1])))  # exp(log(hi)) can round past hi
 
 
 def apply_temperature(member_logits: Any, temperature: float, mode: str = "members") -> torch.Tensor:
