@@ -36,6 +36,14 @@ def minilm_path() -> str:
 
 def build_model(cfg: ModelConfig, num_classes: int, modality: str, sample_rate: int | None = None
                 ) -> tuple[nn.Module, Callable]:
+    try:
+        return _build_model(cfg, num_classes, modality, sample_rate)
+    except TypeError as e:  # a model.kwargs entry the model's constructor does not take
+        raise ConfigError(f"model.kwargs {cfg.kwargs}: {e}") from None
+
+
+def _build_model(cfg: ModelConfig, num_classes: int, modality: str, sample_rate: int | None
+                 ) -> tuple[nn.Module, Callable]:
     name = cfg.name
     if name.startswith("tiny:"):
         return _tiny(name.split(":", 1)[1], num_classes, modality, cfg, sample_rate or 16000)

@@ -172,7 +172,27 @@ def parse_run_config(data: Any) -> RunConfig:
         raise ConfigError(f"training.lr must be > 0, got {t.lr}")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    _check_bounds(cfg)
     return cfg
+
+
+# (key, lowest accepted value); None values mean "not set" and are accepted
+_BOUNDS = [("model.max_length", 1), ("model.image_size", 1), ("data.eval_batch_size", 1), ("data.num_workers", 0),
+           ("training.max_steps", -1), ("training.weight_decay", 0), ("training.warmup_steps", 0),
+           ("training.grad_clip", 0), ("training.accumulate_grad_batches", 1), ("training.num_nodes", 1),
+           ("training.val_every_n_epochs", 1)]
+
+
+def _check_bounds(cfg: RunConfig) -> None:
+    """The numbers with a floor, checked here so a bad one never reaches the trainer (after files are written)."""
+    for key, low in _BOUNDS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value < low:
+            what = "-1 (no limit) or >= 1" if key == "training.max_steps" else f">= {low}"
+            raise ConfigError(f"{key} must be {what}, got {value}")
+    if cfg.training.max_steps == 0:
+        raise ConfigError("training.max_steps must be -1 (no limit) or >= 1, got 0")
 
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
