@@ -158,10 +158,11 @@ ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, Import
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Each checks what it can without Lightning first (a config mistake is reported in
+    seconds), then does its work inside `quiet`."""
     args = build_parser().parse_args(argv)
     try:
-        with quiet(getattr(args, "verbose", True)):
-            return COMMANDS[args.command](args) or 0
+        return COMMANDS[args.command](args) or 0
     except ERRORS as e:
         message = str(e).strip()
         print(f"error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)
@@ -174,7 +175,7 @@ def check_run_dir(run_dir: str, resume: bool, overwrite: bool) -> None:
         raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it; give one of them")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"--output-dir {run_dir} is a file, not a folder")
-    from .runner import launch_rank
+    from .launch import launch_rank
 
     if resume or overwrite or launch_rank() != 0:  # DDP processes > 0 re-run the command after rank 0 wrote
         return
@@ -186,21 +187,24 @@ def check_run_dir(run_dir: str, resume: bool, overwrite: bool) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    with quiet(args.verbose):
+        from .demo import run_demo
 
-    run_demo(args.output_dir, quick=args.quick, num_members=args.members, progress_bar=not args.no_progress)
+        run_demo(args.output_dir, quick=args.quick, num_members=args.members, progress_bar=not args.no_progress)
     return 0
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .report import flat_row, markdown_table
     from .run_config import load_run_config
-    from .runner import fit
 
     config = load_run_config(args.config, list(args.set) + _device_overrides(args))
     run_dir = args.output_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     check_run_dir(run_dir, args.resume, args.overwrite)
-    results, run = fit(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+    with quiet(args.verbose):
+        from .report import flat_row, markdown_table
+        from .runner import fit
+
+        results, run = fit(config, run_dir, resume=args.resume, overwrite=args.overwrite)
     if run.module.trainer.is_global_zero:
         print(markdown_table({config.method.name: flat_row(results)}))
         print(f"wrote {run_dir}/results.json and {run_dir}/model/")
@@ -208,37 +212,41 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .config import atomic_write_bytes
-    from .report import flat_row, markdown_table, write_figures
-    from .runner import load_run, make_trainer, test
-
     if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
         raise ValueError(f"--plots {args.plots!r} is a file; name a folder for the figures")
     if args.output and os.path.isdir(args.output):
         raise ValueError(f"--output {args.output!r} is a folder; name the JSON file to write")
-    run = load_run(args.checkpoint, args.set)
-    results = test(run, make_trainer(run.config, None))
-    out = args.output or os.path.join(args.checkpoint, "evaluation.json")
-    atomic_write_bytes(out, json.dumps(results, indent=2).encode())
-    print(markdown_table({run.config.method.name: flat_row(results)}))
-    if args.plots:
-        write_figures({run.config.method.name: run.module.last_outputs["test"]}, args.plots)
+    with quiet(args.verbose):
+        from .config import atomic_write_bytes
+        from .report import flat_row, markdown_table, write_figures
+        from .runner import load_run, make_trainer, test
+
+        run = load_run(args.checkpoint, args.set)
+        results = test(run, make_trainer(run.config, None))
+        out = args.output or os.path.join(args.checkpoint, "evaluation.json")
+        atomic_write_bytes(out, json.dumps(results, indent=2).encode())
+        print(markdown_table({run.config.method.name: flat_row(results)}))
+        if args.plots:
+            write_figures({run.config.method.name: run.module.last_outputs["test"]}, args.plots)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict_file
+    from .predict import check_output, predict_file
 
-    predict_file(args.checkpoint, args.input, args.output, batch_size=args.batch_size)
+    check_output(args.output)
+    with quiet(args.verbose):
+        predict_file(args.checkpoint, args.input, args.output, batch_size=args.batch_size)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare
+    with quiet(args.verbose):
+        from .compare import run_compare
 
-    methods = args.methods.split(",") if args.methods else None
-    run_compare(args.config, methods, args.seeds, args.output_dir, overrides=args.set)
+        methods = args.methods.split(",") if args.methods else None
+        run_compare(args.config, methods, args.seeds, args.output_dir, overrides=args.set)
     return 0
 
 

@@ -35,6 +35,7 @@ from .models import build_model
 from .config import LoraEnsembleConfig
 from .run_config import ConfigError, RunConfig, load_run_config
 from .progress import has_bar, progress_callbacks
+from .launch import launch_rank
 from .run_info import INFO_FILE, RunInfo, read_run_info
 from .ensemble import LoraEnsemble
 from .training import (AtomicCheckpointIO, EnsembleModule, EpochShuffleSampler, EpochTimer, EvaluationSampler,
@@ -323,10 +324,3 @@ def remove_run_outputs(run_dir: str) -> None:
             shutil.rmtree(path)
         elif os.path.lexists(path):
             os.unlink(path)
-
-
-def launch_rank() -> int:
-    """This process's rank as its launcher set it (torchrun, SLURM, Lightning's DDP child processes), before
-    any Trainer exists; 0 when nothing says otherwise. Lightning's children re-run the command line."""
-    ranks = [os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")]
-    return next((int(r) for r in ranks if r not in (None, "", "0") and r.lstrip("-").isdigit()), 0)
