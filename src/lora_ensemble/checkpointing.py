@@ -10,15 +10,18 @@ order (`ResumableLoader`). A run resumed from it with `--resume` sees the same b
 learning rates as one that was never stopped, so its final weights and metrics are the same bit for bit.
 
 Mid-epoch, Lightning 2.6 restores only its loop counters: a plain DataLoader starts its epoch again from the
-first batch while the counters say k batches are done, so the resumed epoch would train on batches 0..N-k-1
-of the permutation a second time (Lightning warns "your dataloader is not resumable"). A loader with
-`state_dict` / `load_state_dict` is saved and restored with the loops; `ResumableLoader` is one: it records
-(epoch, batches handed out) and, restored, skips the first k * batch_size indices of that epoch's order.
+first batch while the counters say k of its N batches are done, so the resumed epoch trains on its first
+N - k batches a second time and never on its last k (Lightning warns "your dataloader is not resumable"). A
+loader with `state_dict` / `load_state_dict` is saved and restored with the loops; `ResumableLoader` is one:
+it records (epoch, batches handed out) and, restored, skips the first k * batch_size indices of that epoch's
+order. It also seeds its workers from its own generator, so that starting an epoch draws nothing from the
+global torch RNG (a plain DataLoader draws a seed from it on every `iter`, which a resumed run would draw once
+more than an uninterrupted one).
 
 Step checkpoints are written after all of a batch's hooks ran (the method's `on_train_batch_end`, e.g.
 snapshot ensembles storing a member, runs after the callbacks' hook), just before the next batch is fetched.
-Exact resume assumes the data of one sample is the same every time it is loaded (no random augmentation in
-DataLoader workers: with `num_workers > 0` the workers' RNG restarts with the epoch).
+Random augmentation in the main process is restored with the RNGs; inside DataLoader workers
+(`num_workers > 0`) it restarts from the epoch's worker seed, so exactness then needs deterministic loading.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import contextlib
 import glob
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from itertools import islice
@@ -172,7 +177,8 @@ class RunCheckpoint(Checkpoint):
         self._step_before_batch = 0
         self._stepped = False       # the latest training batch ended with an optimizer step
         self._at_epoch_end = False  # a checkpoint at the end of an epoch is being written
-        self._sigterm_deferred = False  # SIGTERM came in the middle of gradient accumulation
+        self._sigterm = False  # this process (or, after an all-reduce, any process) got SIGTERM
+        self._lightning_handler: Any = None  # Lightning's SIGTERM handler, replaced during training
 
     # ---- time ------------------------------------------------------------------------------------------
     def segment_s(self) -> float:
@@ -212,7 +218,11 @@ class RunCheckpoint(Checkpoint):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._stepped = trainer.global_step != self._step_before_batch
-        self._defer_sigterm_to_the_optimizer_step(trainer)
+        last = batch_idx + 1 >= trainer.num_training_batches or 0 < trainer.max_steps <= trainer.global_step
+        # stop at the end of this batch if any process got SIGTERM, but only after an optimizer step (the
+        # gradients accumulated so far are not in a checkpoint) and not at the epoch's last batch (Lightning
+        # would stop in the validation that follows; the epoch's end stops instead)
+        self._stop_lightning(trainer, self._sigterm_requested(trainer) and self._stepped and not last)
         if not (self.every_n_steps > 0 and self._stepped and trainer.global_step % self.every_n_steps == 0):
             return
         loader = _resumable_loader(trainer)
@@ -223,34 +233,67 @@ class RunCheckpoint(Checkpoint):
         else:  # a plain training loader: a checkpoint now (resumes at the epoch's first batch, as Lightning does)
             self._save(trainer, at_epoch_end=False)
 
-    def _defer_sigterm_to_the_optimizer_step(self, trainer: L.Trainer) -> None:
-        """Lightning stops at the end of the batch during which SIGTERM came. In the middle of gradient
-        accumulation that state cannot be saved (the accumulated gradients are not in a checkpoint), so the
-        stop waits for the window's optimizer step (at most accumulate_grad_batches - 1 more batches)."""
-        signals = getattr(trainer, "_signal_connector", None)
-        if signals is None or not hasattr(signals, "received_sigterm"):
-            return
-        if signals.received_sigterm and not self._stepped:
-            signals.received_sigterm, self._sigterm_deferred = False, True
-        elif self._sigterm_deferred and self._stepped:
-            signals.received_sigterm, self._sigterm_deferred = True, False
-
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         loader = _resumable_loader(trainer)
         if loader is not None:
             loader.before_next = None  # a step checkpoint due at the epoch's last batch: this one covers it
         self._save(trainer, at_epoch_end=True)
+        if self._sigterm_requested(trainer):
+            self._stop_lightning(trainer, True)  # Lightning stops right after the epoch
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         loader = _resumable_loader(trainer)
         if loader is not None:
             loader.before_next = None
+        self._restore_signal_handler()
         if not isinstance(exception, SIGTERMException) or not trainer.training:
-            return  # stopped while validating: the latest checkpoint stands (its state is consistent)
+            return  # e.g. SIGTERM while testing: the latest checkpoint stands (its state is consistent)
         if self.saved is not None and self.saved["position"] == (trainer.current_epoch, trainer.global_step):
-            return  # nothing trained since the latest checkpoint (e.g. stopped at the end of an epoch)
+            return  # nothing trained since the latest checkpoint (stopped at the end of an epoch)
         if self._stepped:  # between two batches, after an optimizer step: the state of a step checkpoint
             self._save(trainer, at_epoch_end=False)
+
+    # ---- SIGTERM ---------------------------------------------------------------------------------------
+    # Lightning's own handler stops each process at the end of the batch during which it got the signal, and
+    # under DDP broadcasts from inside the signal handler, so processes can stop at different batches (one then
+    # waits in a collective the other never joins). During training the handler here only records the signal;
+    # every process then learns at the same batch end, by one all-reduce, whether any process got it.
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._sigterm = bool(getattr(trainer, "received_sigterm", False))
+        if threading.current_thread() is not threading.main_thread():
+            return
+        connector = getattr(trainer, "_signal_connector", None)
+        before = getattr(connector, "_original_handlers", {}).get(signal.SIGTERM)  # the handler before Lightning's
+        self._lightning_handler = signal.getsignal(signal.SIGTERM)
+
+        def record(signum: int, frame: Any) -> None:
+            self._sigterm = True
+            if callable(before):
+                before(signum, frame)
+
+        signal.signal(signal.SIGTERM, record)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._restore_signal_handler()
+
+    def _restore_signal_handler(self) -> None:
+        if self._lightning_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._lightning_handler)
+        self._lightning_handler = None
+
+    def _sigterm_requested(self, trainer: L.Trainer) -> bool:
+        """Whether any process got SIGTERM; the same answer on every process (one all-reduce under DDP)."""
+        if trainer.world_size > 1:
+            flag = torch.tensor(1.0 if self._sigterm else 0.0, device=trainer.strategy.root_device)
+            self._sigterm = bool(trainer.strategy.reduce(flag, reduce_op="max").item() > 0)
+        return self._sigterm
+
+    @staticmethod
+    def _stop_lightning(trainer: L.Trainer, stop: bool) -> None:
+        """Set the flag on which Lightning's loops stop (raise SIGTERMException) at the end of this batch/epoch."""
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and hasattr(connector, "received_sigterm"):
+            connector.received_sigterm = stop
 
     def _save(self, trainer: L.Trainer, at_epoch_end: bool) -> None:
         self._at_epoch_end = at_epoch_end

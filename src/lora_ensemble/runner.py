@@ -221,7 +221,7 @@ def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int |
             calibrate(run, trainer)
         results = test(run, trainer)
     except SIGTERMException:  # Lightning stops at the end of the batch; RunCheckpoint has written the checkpoint
-        raise TrainingStopped(checkpoints.stop_message()) from None
+        raise TrainingStopped(checkpoints.stop_message() if trainer.is_global_zero else 1) from None  # one line
     from .diagnostics import collapse_warning  # one line on stderr when the predictions are all one class
 
     logits, labels, _ = run.module.last_outputs["test"]
