@@ -77,7 +77,8 @@ CASES = [
      "training.accumulate_grad_batches must be >= 1", True),
     ("validate-every-0-epochs", FIT + NEW_DIR + ["--set", "training.val_every_n_epochs=0"],
      "training.val_every_n_epochs must be >= 1", True),
-    ("unknown-model-kwarg", FIT + NEW_DIR + ["--set", "model.kwargs.foo=1"], "unexpected keyword argument 'foo'", False),
+    ("unknown-model-kwarg", FIT + NEW_DIR + ["--set", "model.kwargs.foo=1"], "unexpected keyword argument 'foo'",
+     False),
     ("yaml-syntax-error", ["fit", "--config", "{root}/syntax.yaml"] + NEW_DIR, "syntax.yaml is not valid YAML: line 5, "
      "column 9", True),
     ("yaml-not-utf8", ["fit", "--config", "{root}/latin1.yaml"] + NEW_DIR, "latin1.yaml is not UTF-8", True),

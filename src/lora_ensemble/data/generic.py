@@ -193,7 +193,8 @@ def load_csv(
     values = {split: [row[label_column].strip() for row in rows] for split, rows in tables.items()}
     for split, labels in values.items():
         if "" in labels:
-            raise ValueError(f"column {label_column!r} of {paths[split]}: {labels.count('')} row(s) have an empty label")
+            count = labels.count("")
+            raise ValueError(f"column {label_column!r} of {paths[split]}: {count} row(s) have an empty label")
     integer = all(re.fullmatch(r"\d+", v) for labels in values.values() for v in labels)
     keys = {split: [int(v) if integer else v for v in labels] for split, labels in values.items()}
     unseen = unseen_label_rows(keys, {split: str(path) for split, path in paths.items()}, unseen_test_labels)
@@ -203,7 +204,8 @@ def load_csv(
         ood_texts += [tables[split][i][text_column] for i in rows]
         tables[split] = [row for i, row in enumerate(tables[split]) if i not in drop]
         if not tables[split]:
-            raise ValueError(f"{paths[split]} has no row with a label of the training data; nothing is left to {split} on")
+            raise ValueError(f"{paths[split]} has no row with a label of the training data; nothing is left to "
+                             f"{split} on")
     raw = [row[label_column].strip() for rows in tables.values() for row in rows]
     labels, names = _label_ids(raw, class_names, f"column {label_column!r} of {', '.join(map(str, paths.values()))}")
     given, start = {}, 0
