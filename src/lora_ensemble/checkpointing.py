@@ -343,6 +343,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 
 def training_complete(checkpoint: dict[str, Any]) -> bool:
-    """Whether the checkpoint was written when training had reached its end (all epochs / max_steps)."""
-    state = checkpoint.get("callbacks", {}).get(RunCheckpoint.__qualname__, {})
-    return bool(state.get("complete", False))
+    """Whether the checkpoint was written when training had reached its end (all epochs / max_steps). A
+    checkpoint without RunCheckpoint's state is from an older version, which wrote one only at the end."""
+    state = checkpoint.get("callbacks", {}).get(RunCheckpoint.__qualname__)
+    return True if state is None else bool(state.get("complete", False))
