@@ -19,7 +19,7 @@ tensor run their frozen matmul once on `source` (`contract.repeat_source(x)`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -108,6 +108,14 @@ class MemberModule(nn.Module):
                 "call the model through its ensemble, which repeats the batch member-major"
             )
         return rows // M
+
+    def run_member_major(self, x: Tensor, forward: Callable[[Tensor], Tensor]) -> Tensor:
+        """`forward` on x with the member axis moved to dimension 0 (and the result's moved back), after
+        `check_rows(x)`: the one place where the member axis of a sequence-first layout is handled."""
+        self.check_rows(x)
+        if self.member_axis == 0:
+            return forward(x)
+        return forward(x.movedim(self.member_axis, 0)).movedim(0, self.member_axis)
 
     def _where(self) -> str:
         return f"{type(self).__name__} {self.member_name!r}" if self.member_name else type(self).__name__

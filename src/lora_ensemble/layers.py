@@ -87,19 +87,6 @@ def _frozen_part(layer: MemberModule, x: Tensor) -> Tensor:
     return y.reshape(1, -1, y.shape[-1])
 
 
-class _AdaptedProjection(MemberModule):
-    """Shared forward of the adapted projections: check the rows, move the member axis to the front."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_rows(x)
-        if self.member_axis == 0:
-            return self._forward(x)
-        return self._forward(x.movedim(self.member_axis, 0)).movedim(0, self.member_axis)
-
-    def _forward(self, x: Tensor) -> Tensor:  # x: (M*B, ..., in), member-major on dimension 0
-        raise NotImplementedError
-
-
 def _in_place(y: Tensor, num_members: int) -> bool:
     """Whether the member deltas may be added into the frozen output y in place: only without autograd (in
     training, an in-place add to a view of y would make autograd copy the gradient instead) and when y holds
@@ -143,7 +130,7 @@ def init_lora_A(A: Tensor, init: str, gain: float, std: float | None, generator:
         A.copy_(draw)
 
 
-class LoraEnsembleLinear(_AdaptedProjection):
+class LoraEnsembleLinear(MemberModule):
     """A frozen linear-like layer (nn.Linear or Conv1D) plus M stacked LoRA adapters.
 
     Parameters: lora_A (M, r, in), lora_B (M, out, r). Input (M*B, ..., in) -> output (M*B, ..., out).
@@ -162,7 +149,10 @@ class LoraEnsembleLinear(_AdaptedProjection):
         self.lora_A = nn.Parameter(torch.zeros(num_members, r, self.in_features, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(num_members, self.out_features, r, device=w.device, dtype=dtype))
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run_member_major(x, self._forward)
+
+    def _forward(self, x: Tensor) -> Tensor:  # x: (M*B, ..., in), member-major on dimension 0
         M = self.num_members
         if _fused_training(self, x):                                  # same result, fewer full-size tensors
             y = _LinearWithMemberDeltas.apply(x.reshape(-1, self.in_features), self.base_layer.weight,
@@ -243,7 +233,7 @@ class _LinearWithMemberDeltas(torch.autograd.Function):
         return dx, None, None, dA, dB, None, None, None, None
 
 
-class LoraEnsembleFusedLinear(_AdaptedProjection):
+class LoraEnsembleFusedLinear(MemberModule):
     """A frozen fused q/k/v projection (timm `qkv`, GPT-2 `c_attn`, the in-projection of
     nn.MultiheadAttention) whose output is [q | k | v], each of width d = out / 3.
 
@@ -273,7 +263,10 @@ class LoraEnsembleFusedLinear(_AdaptedProjection):
         self.lora_A = nn.Parameter(torch.zeros(num_members, P, r, self.in_features, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(num_members, P, self.part_width, r, device=w.device, dtype=dtype))
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run_member_major(x, self._forward)
+
+    def _forward(self, x: Tensor) -> Tensor:  # x: (M*B, ..., in), member-major on dimension 0
         M, P, r, d = self.num_members, len(self.parts), self.r, self.part_width
         if _fused_training(self, x):                                   # same result, fewer full-size tensors
             y = _LinearWithMemberDeltas.apply(x.reshape(-1, self.in_features), self.base_layer.weight,

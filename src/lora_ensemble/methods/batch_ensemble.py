@@ -54,10 +54,7 @@ class BatchEnsembleLinear(MemberModule):
 
     def forward(self, x: Tensor) -> Tensor:
         M = self.num_members
-        self.check_rows(x)
-        if self.member_axis:
-            return self.forward_member_major(x.movedim(self.member_axis, 0)).movedim(0, self.member_axis)
-        return self.forward_member_major(x)
+        return self.run_member_major(x, self.forward_member_major)
 
     def forward_member_major(self, x: Tensor) -> Tensor:
         """x: (M*B, ..., in) member-major on dimension 0."""
