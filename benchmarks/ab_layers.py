@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import torch  # noqa: E402
 
-from lora_ensemble import layers  # noqa: E402
-from lora_ensemble.benchmark import BenchmarkOptions, _build_case  # noqa: E402
+from lora_ensemble.app.benchmark import BenchmarkOptions, build_case  # noqa: E402
+from lora_ensemble.core import layers  # noqa: E402
 
 
 def main() -> None:
@@ -34,13 +34,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--num-members", type=int, default=8)
-    p.add_argument("--model", default="minilm", help="a model of lora_ensemble.benchmark.MODELS (default: minilm)")
+    p.add_argument("--model", default="minilm", help="a model of lora_ensemble.app.benchmark.MODELS (default: minilm)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = BenchmarkOptions(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len, num_members=args.num_members)
-    limit = _build_case(f"limit/{args.mode}", opts)[0]
-    ensemble = _build_case(f"lora_ensemble/{args.mode}", opts)[0]
+    limit = build_case(f"limit/{args.mode}", opts)[0]
+    ensemble = build_case(f"lora_ensemble/{args.mode}", opts)[0]
     fast = (layers._in_place, layers._fused_training)
 
     def run(current: bool) -> None:

@@ -15,8 +15,8 @@ import time
 import torch
 
 from lora_ensemble import LoraEnsemble
-from lora_ensemble.batch import MemberModule
-from lora_ensemble.benchmark import MODELS
+from lora_ensemble.app.benchmark import MODELS
+from lora_ensemble.core.batch import MemberModule
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ METRICS = ("acc", "ece", "nll", "brier", "ood/auroc_entropy")
 
 
 def main() -> None:
-    from lora_ensemble.run_config import load_run_config
-    from lora_ensemble.runner import fit
+    from lora_ensemble.app.run_config import load_run_config
+    from lora_ensemble.app.runner import fit
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "bbc_news_minilm.yaml"))
@@ -79,8 +79,8 @@ def steps(args: argparse.Namespace) -> None:
     from transformers import AutoModelForSequenceClassification
 
     from lora_ensemble import LoraEnsemble, LoraEnsembleConfig, TrunkCache
-    from lora_ensemble.models import minilm_path
-    from lora_ensemble.training import member_cross_entropy
+    from lora_ensemble.app.builders import minilm_path
+    from lora_ensemble.losses import member_cross_entropy
 
     B, T, M, C = 16, 64, 4, 4
     g = torch.Generator().manual_seed(0)

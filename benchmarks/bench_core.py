@@ -23,7 +23,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from lora_ensemble.benchmark import add_arguments, run_from_args  # noqa: E402
+from lora_ensemble.app.benchmark import add_arguments, run_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

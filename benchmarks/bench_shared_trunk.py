@@ -25,7 +25,7 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
     from lora_ensemble import LoraEnsemble, LoraEnsembleConfig
-    from lora_ensemble.models import minilm_path
+    from lora_ensemble.app.builders import minilm_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=8)

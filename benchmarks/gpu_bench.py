@@ -26,7 +26,7 @@ except ImportError:  # a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
-from lora_ensemble.benchmark import CASES, format_report, run_benchmark  # noqa: E402
+from lora_ensemble.app.benchmark import CASES, format_report, run_benchmark  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -6,7 +6,7 @@ with the shares 40/25/15/12/8 % (sports, business, politics, tech, entertainment
 
     train.csv  232 rows (93/58/35/28/18)     val.csv  60 rows     test.csv  400 rows (160/100/60/48/32)
 
-and loaded with the `csv` data loader, as a user's own data would be. Every run is `lora_ensemble.runner.fit`
+and loaded with the `csv` data loader, as a user's own data would be. Every run is `lora_ensemble.app.runner.fit`
 on all-MiniLM-L6-v2 (`minilm`), the offline default's settings unless the run's overrides change them.
 Test and val have the training shares, so the prior (majority class for all) has accuracy 0.40 and NLL =
 H(prior) = 1.454 nats on test.
@@ -36,7 +36,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +111,7 @@ def make_dataset(folder: Path, text: str = "lead", seed: int = 0) -> dict[str, P
     `text`: which part of each article is the input, 'lead' (sentence) or 'title'."""
     import numpy as np
 
-    from lora_ensemble.data.bbc_news import read_bbc_corpus
+    from lora_ensemble.app.data.bbc_news import read_bbc_corpus
 
     corpus = read_bbc_corpus()
     rows: dict[str, list[tuple[str, str]]] = {split: [] for split in SIZES}
@@ -161,7 +160,7 @@ def patched_optimizer(study: dict[str, Any]):
     """Within the block, EnsembleModule builds its optimizer with the study's schedule / head lr."""
     import torch
 
-    from lora_ensemble.training import EnsembleModule
+    from lora_ensemble.lightning.module import EnsembleModule
 
     if not study:
         yield
@@ -194,7 +193,7 @@ def relative_delta(method) -> float:
     """Mean over adapted layers and members of ||s B_m A_m||_F / ||W||_F after training."""
     import torch
 
-    from lora_ensemble.layers import LoraEnsembleLinear
+    from lora_ensemble.core.layers import LoraEnsembleLinear
 
     ratios = []
     with torch.no_grad():
@@ -228,8 +227,8 @@ def summarize(member_logits, labels, prior) -> dict[str, Any]:
 def measure(name: str, seed: int, data: dict[str, Path], work: Path, text: str) -> dict[str, Any]:
     import torch
 
-    from lora_ensemble.run_config import parse_run_config
-    from lora_ensemble.runner import fit
+    from lora_ensemble.app.run_config import parse_run_config
+    from lora_ensemble.app.runner import fit
 
     raw, study = run_config(name, seed, data)
     config = parse_run_config(raw)

@@ -29,7 +29,7 @@ def make_project(root: Path) -> Path:
     """Write the project under `root`; returns the run config's path."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from lora_ensemble.models import minilm_path
+    from lora_ensemble.app.builders import minilm_path
 
     (root / "data").mkdir(parents=True)
     (root / "data" / "train.csv").write_text(reviews(16, 0))

@@ -14,7 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from lora_ensemble import LoraEnsembleConfig
-from lora_ensemble.benchmark import CASES, _bert_tiny, add_arguments, format_report, parameter_accounting, run_benchmark
+from lora_ensemble.app.benchmark import (
+    CASES,
+    add_arguments,
+    bert_tiny,
+    format_report,
+    parameter_accounting,
+    run_benchmark,
+)
 
 TINY = dict(model="bert-tiny", batch_size=2, seq_len=8, num_members=3, r=2, warmup=1, memory_steps=1, repeats=1,
             quiet=True)
@@ -52,7 +59,7 @@ def test_lora_ensemble_holds_one_backbone_plus_members_adapters_and_heads_to_the
 
 
 def test_accounting_follows_the_chosen_projections():
-    acc = parameter_accounting(_bert_tiny(4), LoraEnsembleConfig(num_members=2, r=4, target_modules="qv"))
+    acc = parameter_accounting(bert_tiny(4), LoraEnsembleConfig(num_members=2, r=4, target_modules="qv"))
     assert acc["exact"] and acc["adapter_bytes_per_member"] == 2 * 2 * 4 * (32 + 32) * 4
 
 

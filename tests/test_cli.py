@@ -14,7 +14,7 @@ import pytest
 import yaml
 from test_training import TINY_RUN
 
-from lora_ensemble.cli import build_parser, main
+from lora_ensemble.app.cli import build_parser, main
 
 EXE = str(Path(sys.executable).with_name("lora-ensemble"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from test_data_text import FakeSplit, _fake_datasets
 
-from lora_ensemble.data import load_dataset
+from lora_ensemble.app.data import load_dataset
 
 
 def test_hf_test_label_without_training_rows_is_refused_or_becomes_ood(monkeypatch):

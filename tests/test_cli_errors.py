@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from cli_project import MAX_POSITIONS, folder_hashes, make_project, reviews
 
-import lora_ensemble.runner
-from lora_ensemble.cli import main
+import lora_ensemble.app.runner
+from lora_ensemble.app.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +127,8 @@ def test_a_mistake_is_one_error_line_and_leaves_every_run_as_it_was(project, cap
         def must_not_load(*args, **kwargs):
             raise AssertionError("the data or the model was loaded before the mistake was reported")
 
-        monkeypatch.setattr(lora_ensemble.runner, "load_dataset", must_not_load)
-        monkeypatch.setattr(lora_ensemble.runner, "build_model", must_not_load)
+        monkeypatch.setattr(lora_ensemble.app.runner, "load_dataset", must_not_load)
+        monkeypatch.setattr(lora_ensemble.app.runner, "build_model", must_not_load)
     folders = [project / "run", project / "damaged", project / "new_run"]
     before = [folder_hashes(f) for f in folders]
     code, err = run_main([a.format(root=project) for a in argv], capsys)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from cli_project import folder_hashes, make_project, reviews
 
-from lora_ensemble.cli import main
+from lora_ensemble.app.cli import main
 
 EXE = str(Path(sys.executable).with_name("lora-ensemble"))
 
@@ -113,7 +113,7 @@ def test_the_progress_bar_counts_epochs_from_one_of_all():
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from lora_ensemble.progress import EpochProgressBar
+    from lora_ensemble.lightning.callbacks import EpochProgressBar
 
     bar = EpochProgressBar()
     trainer = L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=0, callbacks=[bar], logger=False,
@@ -124,7 +124,7 @@ def test_the_progress_bar_counts_epochs_from_one_of_all():
 
 def test_ddp_processes_after_the_first_accept_the_folder_the_first_one_wrote(tmp_path, monkeypatch):
     """Lightning's DDP children re-run `lora-ensemble fit`: only the launching process may refuse the folder."""
-    from lora_ensemble.cli import check_run_dir
+    from lora_ensemble.app.cli import check_run_dir
 
     (tmp_path / "run_config.yaml").write_text("seed: 0\n")  # what rank 0 wrote before starting the children
     for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):

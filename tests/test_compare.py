@@ -11,10 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import yaml
 
-from lora_ensemble import compare
-from lora_ensemble.compare import run_compare
+from lora_ensemble.app import compare
+from lora_ensemble.app.compare import run_compare
+from lora_ensemble.app.run_config import ConfigError
 from lora_ensemble.methods import METHODS
-from lora_ensemble.run_config import ConfigError
 
 TINY = {
     "seed": 0,

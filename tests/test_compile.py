@@ -5,8 +5,8 @@ import torch
 from tiny_models import build, call
 
 from lora_ensemble import LoraEnsemble
-from lora_ensemble.heads import StackedLinear
-from lora_ensemble.layers import LoraEnsembleFusedLinear, LoraEnsembleLinear
+from lora_ensemble.core.heads import StackedLinear
+from lora_ensemble.core.layers import LoraEnsembleFusedLinear, LoraEnsembleLinear
 
 M = 3
 

@@ -9,7 +9,7 @@ import torch
 from tiny_models import FAMILIES, build, call
 
 from lora_ensemble import LoraEnsemble, LoraEnsembleConfig
-from lora_ensemble.layers import LoraEnsembleFusedLinear, LoraEnsembleLinear, linear_features
+from lora_ensemble.core.layers import LoraEnsembleFusedLinear, LoraEnsembleLinear, linear_features
 
 M = 3
 
@@ -297,7 +297,7 @@ def test_inference_adds_the_deltas_in_place_and_gives_the_training_path_outputs(
 
 
 def test_the_fused_training_function_matches_autograd():
-    from lora_ensemble.layers import _LinearWithMemberDeltas
+    from lora_ensemble.core.layers import _LinearWithMemberDeltas
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3 * 2, 4, dtype=torch.double, generator=g, requires_grad=True)
@@ -316,7 +316,7 @@ def test_the_fused_training_function_matches_autograd():
     lambda: LoraEnsembleFusedLinear(torch.nn.Linear(4, 6), ["q", "v"], 3, r=2, scaling=0.5),
 ], ids=["linear", "fused_qkv", "fused_qv"])
 def test_the_fused_training_path_equals_the_generic_path(make):
-    from lora_ensemble.layers import _fused_training
+    from lora_ensemble.core.layers import _fused_training
 
     grads = {}
     for generic in (False, True):

@@ -5,8 +5,8 @@ import wave
 import numpy as np
 import pytest
 
-from lora_ensemble.data import load_dataset
-from lora_ensemble.data._io import read_wav, resample
+from lora_ensemble.app.data import load_dataset
+from lora_ensemble.app.data._io import read_wav, resample
 
 CATEGORIES = ["dog", "rooster", "pig"]
 

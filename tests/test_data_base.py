@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lora_ensemble.data import (
+from lora_ensemble.app.data import (
     DATASETS,
     AudioCollator,
     DatasetSplits,
@@ -72,7 +72,7 @@ def test_the_container_rejects_what_a_trainer_could_not_use():
 
 def test_raw_datasets_pickle_for_dataloader_workers(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
-    from lora_ensemble.data._io import open_rgb
+    from lora_ensemble.app.data._io import open_rgb
 
     dataset = RawDataset([str(tmp_path / "a.png")], [1], load=open_rgb, ids=["a"])
     clone = pickle.loads(pickle.dumps(dataset))

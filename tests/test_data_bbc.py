@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from lora_ensemble.data import load_dataset
-from lora_ensemble.data.bbc_news import BBC_CLASSES, bbc_news_dir, load_bbc_news
+from lora_ensemble.app.data import load_dataset
+from lora_ensemble.app.data.bbc_news import BBC_CLASSES, bbc_news_dir, load_bbc_news
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_ensemble.data import load_dataset
+from lora_ensemble.app.data import load_dataset
 
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 

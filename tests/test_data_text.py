@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from lora_ensemble.data import load_dataset
+from lora_ensemble.app.data import load_dataset
 
 
 def write_sst2(root, n_train=40, n_dev=6):

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from lora_ensemble.diagnostics import PredictionCollapseWarning, collapse_warning, prediction_collapse
+from lora_ensemble.app.diagnostics import PredictionCollapseWarning, collapse_warning, prediction_collapse
 
 
 def member_logits_predicting(classes: list[int], num_classes: int = 3, members: int = 2) -> torch.Tensor:
@@ -63,8 +63,8 @@ def test_fit_warns_and_flags_a_run_that_learned_only_the_majority_class(tmp_path
     # Texts without signal and 90 % of the training rows one class: the model can only learn the prior.
     write_csv(tmp_path / "train.csv", ["a"] * 36 + ["b"] * 2 + ["c"] * 2)
     write_csv(tmp_path / "test.csv", ["a"] * 6 + ["b"] * 4 + ["c"] * 2)
-    from lora_ensemble.run_config import parse_run_config
-    from lora_ensemble.runner import fit
+    from lora_ensemble.app.run_config import parse_run_config
+    from lora_ensemble.app.runner import fit
 
     config = parse_run_config({
         "model": {"name": "tiny:text", "max_length": 8},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tiny_models import build
 
-from lora_ensemble import LoraEnsemble
+from lora_ensemble import from_peft
 from lora_ensemble.interop import resolve_checkpoint
 
 
@@ -24,7 +24,7 @@ def test_a_model_id_offline_fails_with_a_clear_message(monkeypatch):
         resolve_checkpoint("someone/lora-ensemble-demo")
     model = build("bert")[0]
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
-        LoraEnsemble.from_peft(model, ["someone/adapter-0", "someone/adapter-1"])
+        from_peft(model, ["someone/adapter-0", "someone/adapter-1"])
     assert not any(n.endswith("lora_A") for n, _ in model.named_parameters())
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from tiny_models import build, call
 
-from lora_ensemble import LoraEnsemble
+from lora_ensemble import LoraEnsemble, export_peft, from_peft
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
-from lora_ensemble.ensemble import ADAPTER_TYPES  # noqa: E402
+from lora_ensemble.core.batch import MemberModule  # noqa: E402
 
 M = 3
 ATOL = dict(atol=2e-5, rtol=1e-4)
@@ -48,7 +48,7 @@ def train_peft(family: str, folder: str, seed: int, steps: int = 3, **lora) -> t
 
 
 def untouched(model) -> bool:
-    return not any(isinstance(m, ADAPTER_TYPES) for m in model.modules())
+    return not any(isinstance(m, MemberModule) for m in model.modules())
 
 
 # ---- ensemble -> PEFT ---------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def untouched(model) -> bool:
 ])
 def test_each_exported_member_loads_in_peft_with_the_same_outputs(tmp_path, family, config):
     ens, make_batch = random_ensemble(family, **config)
-    folders = ens.export_peft(tmp_path / "peft")
+    folders = export_peft(ens, tmp_path / "peft")
     assert folders == [str(tmp_path / "peft" / f"member_{m}") for m in range(M)]
     batch = make_batch(4, torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_each_exported_member_loads_in_peft_with_the_same_outputs(tmp_path, fami
 
 def test_exported_config_maps_rank_alpha_targets_and_head(tmp_path):
     ens, _ = random_ensemble("timm_vit", target_modules="qv", lora_alpha=4.0)   # s = 4 / 2 = 2
-    folder = ens.export_peft(tmp_path / "peft")[0]
+    folder = export_peft(ens, tmp_path / "peft")[0]
     cfg = json.loads(open(os.path.join(folder, "adapter_config.json")).read())
     assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", 2, 4)
     assert cfg["target_modules"] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
@@ -84,7 +84,7 @@ def test_exported_config_maps_rank_alpha_targets_and_head(tmp_path):
     assert cfg["alpha_pattern"] == {"blocks.0.attn.qkv": 8, "blocks.1.attn.qkv": 8}    # s * P * r
     assert cfg["modules_to_save"] == ["head"]
     ens_none, _ = random_ensemble("bert", target_modules="qv")                   # lora_alpha=None: s = 1
-    cfg = json.loads(open(os.path.join(ens_none.export_peft(tmp_path / "b")[0], "adapter_config.json")).read())
+    cfg = json.loads(open(os.path.join(export_peft(ens_none, tmp_path / "b")[0], "adapter_config.json")).read())
     assert cfg["lora_alpha"] == cfg["r"] == 2 and cfg["rank_pattern"] == {}
 
 
@@ -104,16 +104,16 @@ def test_export_is_atomic_and_never_overwrites_silently(tmp_path, monkeypatch):
     real_save = interop.safetensors_save
     monkeypatch.setattr(interop, "safetensors_save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        ens.export_peft(target)
+        export_peft(ens, target)
     assert os.listdir(tmp_path) == []                     # no half export, no temporary folder left
     monkeypatch.setattr(interop, "safetensors_save", real_save)
 
-    ens.export_peft(target)
+    export_peft(ens, target)
     (target / "keep.txt").write_text("old")
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        ens.export_peft(target)
+        export_peft(ens, target)
     assert (target / "keep.txt").exists()
-    ens.export_peft(target, overwrite=True)                # replaces the export, leaves the user's file alone
+    export_peft(ens, target, overwrite=True)                # replaces the export, leaves the user's file alone
     assert sorted(os.listdir(target)) == ["keep.txt"] + [f"member_{m}" for m in range(M)]
     assert sorted(os.listdir(tmp_path)) == ["peft"]
 
@@ -124,30 +124,30 @@ def test_export_into_an_empty_or_unrelated_folder_works_like_save_pretrained(tmp
     ens, _ = random_ensemble("bert", target_modules="qv")
     with tempfile.TemporaryDirectory(dir=tmp_path) as empty:      # what users pass to save_pretrained
         mode = os.stat(empty).st_mode
-        folders = ens.export_peft(empty)
+        folders = export_peft(ens, empty)
         assert sorted(os.listdir(empty)) == [f"member_{m}" for m in range(M)]
         assert folders == [os.path.join(empty, f"member_{m}") for m in range(M)]
         assert os.stat(empty).st_mode == mode                      # still the user's folder, same permissions
     other = tmp_path / "project"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    folders = ens.export_peft(other)
+    folders = export_peft(ens, other)
     assert sorted(os.listdir(other)) == ["member_0", "member_1", "member_2", "notes.txt"]
     assert sorted(os.listdir(tmp_path)) == ["project"]            # no temporary folder left beside it
     model, make_batch = build("bert")
-    reloaded = LoraEnsemble.from_peft(model, folders).eval()
+    reloaded = from_peft(model, folders).eval()
     batch = make_batch(2, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(call(reloaded, batch), call(ens, batch), **ATOL)
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a folder"):
-        ens.export_peft(tmp_path / "file")
+        export_peft(ens, tmp_path / "file")
 
 
 def test_export_refuses_multihead_attention_out_proj_which_peft_applies_twice(tmp_path):
     ens, _ = random_ensemble("torchvision_vit", target_modules="qkvo")
     with pytest.raises(ValueError, match="out_proj.*twice"):
-        ens.export_peft(tmp_path / "peft")
+        export_peft(ens, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
 
 
@@ -167,7 +167,7 @@ def test_separately_trained_peft_adapters_become_one_ensemble(tmp_path, family, 
     folders = [str(tmp_path / f"a{i}") for i in range(len(adapters))]
     peft_models = [train_peft(family, f, seed=i, **lora)[0] for i, (f, lora) in enumerate(zip(folders, adapters))]
     base, make_batch = build(family)
-    ens = LoraEnsemble.from_peft(base, folders).eval()
+    ens = from_peft(base, folders).eval()
     ranks = [r for a in adapters for r in (a["r"], *a.get("rank_pattern", {}).values())]
     assert (ens.num_members, ens.config.r, ens.config.scaling) == (len(adapters), max(ranks), 1.0)
     batch = make_batch(4, torch.Generator().manual_seed(1))
@@ -184,8 +184,8 @@ def test_separately_trained_peft_adapters_become_one_ensemble(tmp_path, family, 
                                             ("bert", dict(target_modules="qkvo", lora_alpha=8.0))])
 def test_export_then_from_peft_gives_back_the_ensemble(tmp_path, family, config):
     ens, make_batch = random_ensemble(family, **config)
-    folders = ens.export_peft(tmp_path / "peft")
-    back = LoraEnsemble.from_peft(build(family)[0], folders).eval()
+    folders = export_peft(ens, tmp_path / "peft")
+    back = from_peft(build(family)[0], folders).eval()
     batch = make_batch(3, torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(call(back, batch), call(ens, batch), **ATOL)
@@ -212,7 +212,7 @@ def copy_adapter(src: str, dst) -> str:
 def assert_refused(model, folders, error, match):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(error, match=match):
-        LoraEnsemble.from_peft(model, folders)
+        from_peft(model, folders)
     assert untouched(model)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -260,7 +260,7 @@ def test_lora_variants_and_derived_overrides_are_refused(tmp_path, bert_adapters
         json.dump(cfg, f)
     assert_refused(build("bert")[0], [bert_adapters[0], dora], ValueError, rf"{path}: use_dora=True is not supported")
     with pytest.raises(ValueError, match=r"\['r'\] are decided by the adapters"):
-        LoraEnsemble.from_peft(build("bert")[0], bert_adapters, r=8)
+        from_peft(build("bert")[0], bert_adapters, r=8)
 
 
 def test_peft_multihead_attention_adapter_with_out_proj_is_refused(tmp_path):

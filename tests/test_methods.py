@@ -12,7 +12,6 @@ from torch import nn
 
 from lora_ensemble.methods import METHODS, build_method
 from lora_ensemble.methods.explicit import ExplicitEnsemble
-from lora_ensemble.methods.snapshot import SnapshotEnsemble
 
 M, B = 3, 4
 OPTIONS = {  # small, fast settings; mc_dropout needs rates on timm models (they ship with dropout 0)

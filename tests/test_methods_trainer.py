@@ -15,9 +15,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
-from lora_ensemble.heads import member_head
+from lora_ensemble.core.heads import member_head
+from lora_ensemble.lightning.module import EnsembleModule
 from lora_ensemble.methods import METHODS, build_method
-from lora_ensemble.training import EnsembleModule
 
 M, B = 3, 2
 

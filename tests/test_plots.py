@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_ensemble import plots
+from lora_ensemble.app import plots
 from lora_ensemble.metrics import ood_scores, predictive
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,7 +20,7 @@ def members(m=3, n=120, c=4, seed=0):
 def assert_png(path: Path) -> None:
     assert path.is_file() and path.stat().st_size > 1000
     assert path.read_bytes()[:8] == PNG_MAGIC
-    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []  # no temp file left behind
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".tmp-")] == []  # no temp file left behind
 
 
 def test_reliability_diagram_writes_a_png(tmp_path):

@@ -1,7 +1,7 @@
 """A `fit` that is killed or pre-empted continues with `--resume` as if it had never stopped; a finished or
 damaged run folder is reported in one line.
 
-The runs are `python -m lora_ensemble.cli fit` subprocesses on a tiny model with dropout on (BERT's hidden and
+The runs are `python -m lora_ensemble.app.cli fit` subprocesses on a tiny model with dropout on (BERT's hidden and
 attention dropout 0.1, LoRA dropout 0.1): 7 batches per epoch, 3 epochs, a checkpoint every 2 steps.
 """
 
@@ -21,8 +21,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lora_ensemble.cli import main
-from lora_ensemble.run_config import ConfigError, parse_run_config
+from lora_ensemble.app.cli import main
+from lora_ensemble.app.run_config import ConfigError, parse_run_config
 
 BATCHES_PER_EPOCH = 7
 RUN = {
@@ -39,7 +39,7 @@ TIMEOUT = 300
 
 
 def start_fit(config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lora_ensemble.cli", "fit", "--config", str(config),
+    return subprocess.Popen([sys.executable, "-m", "lora_ensemble.app.cli", "fit", "--config", str(config),
                              "--output-dir", str(run_dir), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
@@ -139,7 +139,7 @@ def test_sigterm_writes_a_checkpoint_exits_with_one_line_and_the_run_resumes_exa
     assert "--resume" in lines[-1] and "Traceback" not in err
     # written on the way out, after the optimizer step that was running (not only the periodic one seen above)
     assert global_step(checkpoint) > seen
-    assert not list(checkpoint.parent.glob("*.tmp-*"))
+    assert not list(checkpoint.parent.glob(".tmp-*"))
 
     status, err = finish(start_fit(config, run_dir, "--resume"))
     assert status == 0, err[-3000:]

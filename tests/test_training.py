@@ -13,9 +13,11 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from lora_ensemble.run_config import parse_run_config
-from lora_ensemble.runner import fit, load_run
-from lora_ensemble.training import EpochShuffleSampler, EvaluationSampler, member_cross_entropy, warmup_cosine
+from lora_ensemble.app.run_config import parse_run_config
+from lora_ensemble.app.runner import fit, load_run
+from lora_ensemble.lightning.module import warmup_cosine
+from lora_ensemble.lightning.samplers import EpochShuffleSampler, EvaluationSampler
+from lora_ensemble.losses import member_cross_entropy
 
 TINY_RUN = {
     "seed": 0,
@@ -85,7 +87,7 @@ def test_fit_writes_a_run_folder_with_trainable_tensors_only(tmp_path):
     assert set(ckpt["state_dict"]) == set(saved)
     # evaluate from the folder alone reproduces the test metrics
     reloaded = load_run(str(tmp_path))
-    from lora_ensemble.runner import make_trainer, test
+    from lora_ensemble.app.runner import make_trainer, test
 
     again = test(reloaded, make_trainer(reloaded.config, None))
     assert again["metrics"]["nll"] == pytest.approx(metrics["nll"], rel=1e-5)
@@ -103,7 +105,7 @@ def test_a_run_stopped_after_an_epoch_and_resumed_ends_like_an_uninterrupted_one
 
 
 def test_resume_without_a_checkpoint_or_with_another_config_is_refused(tmp_path):
-    from lora_ensemble.run_config import ConfigError
+    from lora_ensemble.app.run_config import ConfigError
 
     with pytest.raises(ConfigError, match="no checkpoint at"):
         fit(tiny_config(), str(tmp_path), resume=True)
@@ -132,8 +134,8 @@ def test_temperature_scaling_is_fitted_on_validation_and_saved(tmp_path):
 DDP_SCRIPT = """
 import sys
 import torch, yaml
-from lora_ensemble.run_config import parse_run_config
-from lora_ensemble.runner import fit
+from lora_ensemble.app.run_config import parse_run_config
+from lora_ensemble.app.runner import fit
 
 results, run = fit(parse_run_config(yaml.safe_load(open(sys.argv[1]))), sys.argv[2])
 outputs = {stage: run.module.last_outputs[stage] for stage in ("val", "test")}
@@ -158,7 +160,7 @@ def test_ddp_fit_on_two_cpu_processes_evaluates_every_sample_once_like_one_proce
     results = json.loads((tmp_path / "run" / "results.json").read_text())
 
     # the same weights evaluated in one process, in dataset order
-    from lora_ensemble.runner import make_trainer, test
+    from lora_ensemble.app.runner import make_trainer, test
 
     run = load_run(str(tmp_path / "run"), ["training.devices=1", "training.strategy=auto"])
     single = test(run, make_trainer(run.config, None))
@@ -184,7 +186,7 @@ def test_ddp_fit_on_two_cpu_processes_evaluates_every_sample_once_like_one_proce
 def test_fit_trains_in_training_mode_even_when_the_model_arrives_in_eval_mode(tmp_path):
     import lightning as L
 
-    from lora_ensemble.runner import build_run, make_trainer
+    from lora_ensemble.app.runner import build_run, make_trainer
 
     run = build_run(tiny_config(training__epochs=1))
     run.module.eval()  # as Hugging Face's from_pretrained hands it over

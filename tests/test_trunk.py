@@ -11,8 +11,8 @@ from test_training import tiny_config
 from tiny_models import build, call
 
 from lora_ensemble import LoraEnsemble, LoraEnsembleConfig, TrunkCache
-from lora_ensemble.runner import fit
-from lora_ensemble.training import SAMPLE_IDS, IndexedDataset, WithSampleIds
+from lora_ensemble.app.runner import fit
+from lora_ensemble.lightning.samplers import SAMPLE_IDS, IndexedDataset, WithSampleIds
 
 FAMILIES = ["bert", "distilbert", "hf_vit", "ast", "llama_lm", "gpt2_lm", "timm_vit", "timm_swin", "torchvision_vit"]
 
@@ -163,8 +163,8 @@ def test_fit_with_cache_trunk_trains_exactly_like_without(tmp_path):
 
 
 def test_cache_trunk_on_a_method_without_a_trunk_is_a_config_error(tmp_path):
-    from lora_ensemble.run_config import ConfigError
-    from lora_ensemble.runner import build_run
+    from lora_ensemble.app.run_config import ConfigError
+    from lora_ensemble.app.runner import build_run
 
     with pytest.raises(ConfigError, match="training.cache_trunk: .*share_trunk"):
         build_run(tiny_config(training__cache_trunk=True))
@@ -187,7 +187,7 @@ def test_the_first_adapted_block_runs_its_frozen_projections_of_the_block_input_
 
 
 def test_a_repeated_input_changed_in_place_is_not_taken_for_its_source():
-    from lora_ensemble.batch import RowContract, repeat_batch
+    from lora_ensemble.core.batch import RowContract, repeat_batch
 
     contract = RowContract(3)
     x = torch.randn(2, 3)

@@ -1,9 +1,9 @@
 """Interoperability: PEFT adapters, Hugging Face Hub checkpoints, causal LMs as classifiers (docs/interop.md)."""
 
-from .causal_lm import CausalLMClassifier, choice_log_likelihoods
-from .hub import resolve_checkpoint
-from .peft import ensemble_from_peft, export_peft
-from .peft_files import read_peft_adapter
+from lora_ensemble.interop.causal_lm import CausalLMClassifier, choice_log_likelihoods
+from lora_ensemble.interop.peft import export_peft, from_peft
+from lora_ensemble.interop.peft_files import read_peft_adapter
+from lora_ensemble.io import resolve_checkpoint
 
-__all__ = ["CausalLMClassifier", "choice_log_likelihoods", "ensemble_from_peft", "export_peft", "read_peft_adapter",
+__all__ = ["CausalLMClassifier", "choice_log_likelihoods", "export_peft", "from_peft", "read_peft_adapter",
            "resolve_checkpoint"]

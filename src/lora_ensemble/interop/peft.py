@@ -2,7 +2,7 @@
 
     export_peft(ens, path)          member m -> path/member_<m>/{adapter_config.json, adapter_model.safetensors},
                                     so that PeftModel.from_pretrained(base, path/member_<m>) is member m
-    ensemble_from_peft(cls, model, [folder_0, ..., folder_{M-1}])
+    from_peft(model, [folder_0, ..., folder_{M-1}])
                                     M PEFT LoRA adapters -> one LoraEnsemble whose member i is PeftModel + adapter i
 
 A PEFT adapter on module W computes W x + s * B A x with A: (rank, in), B: (out, rank), s = alpha / rank
@@ -42,19 +42,34 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
-from ..attention import LoraEnsembleMultiheadAttention
-from ..config import LoraEnsembleConfig
-from ..heads import member_head, stack_head
-from ..layers import PART_INDEX, LoraEnsembleFusedLinear, LoraEnsembleLinear, is_conv1d, linear_features
-from ..targets import Target, find_heads, find_targets
-from .peft_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MHA_OUT, PREFIX, PeftAdapter, read_peft_adapter
+from lora_ensemble.core.attention import LoraEnsembleMultiheadAttention
+from lora_ensemble.core.batch import MemberModule
+from lora_ensemble.core.config import LoraEnsembleConfig
+from lora_ensemble.core.ensemble import LoraEnsemble
+from lora_ensemble.core.heads import member_head, stack_head
+from lora_ensemble.core.layers import (
+    PART_INDEX,
+    LoraEnsembleFusedLinear,
+    LoraEnsembleLinear,
+    is_conv1d,
+    linear_features,
+)
+from lora_ensemble.core.targets import Target, find_heads, find_targets
+from lora_ensemble.interop.peft_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MHA_OUT,
+    PREFIX,
+    PeftAdapter,
+    read_peft_adapter,
+)
 
 # Fields the adapters decide; `from_peft` refuses overrides of them.
 DERIVED_FIELDS = ("num_members", "r", "lora_alpha", "target_modules", "fused_parts", "layers", "head")
 
 
 # ---- export ----------------------------------------------------------------------------------------
-def export_peft(ens: Any, path: str | os.PathLike, overwrite: bool = False) -> list[str]:
+def export_peft(ens: LoraEnsemble, path: str | os.PathLike, overwrite: bool = False) -> list[str]:
     """Write every member of `ens` as a PEFT LoRA adapter folder `path/member_<m>`; returns the folders.
 
     `path` may be new, an empty folder, or a folder holding other files; a folder that already holds an
@@ -221,9 +236,11 @@ def _umask() -> int:
     return mask
 
 
-def ensemble_from_peft(cls: type, model: nn.Module, paths: list[str | os.PathLike], **overrides: Any) -> Any:
-    """Build `cls(model, config)` from M PEFT LoRA adapters; see the module docstring for the mapping.
-    Everything is read and checked before `model` is touched."""
+def from_peft(model: nn.Module, paths: list[str | os.PathLike], **overrides: Any) -> LoraEnsemble:
+    """One ensemble from M separately trained PEFT LoRA adapters (folders or Hub ids) on the same targets;
+    member i equals `PeftModel.from_pretrained(model, paths[i])` (see the module docstring for the mapping).
+    `overrides`: other LoraEnsembleConfig fields (e.g. lora_dropout, seed). Everything is read and checked
+    before `model` is touched."""
     if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, (list, tuple)) or not paths:
         raise TypeError(f"paths must be a non-empty list of adapter folders, one per member, got {paths!r}")
     _check_base_model(model)
@@ -261,19 +278,17 @@ def ensemble_from_peft(cls: type, model: nn.Module, paths: list[str | os.PathLik
     tensors = _stack_lora(adapters, slots, rank)
     for head in heads:
         tensors.update(_head_tensors(model, head, adapters))
-    ensemble = cls(model, config)
+    ensemble = LoraEnsemble(model, config)
     ensemble.load_member_state(tensors, source=f"PEFT adapters {[a.folder for a in adapters]}")
     return ensemble
 
 
 def _check_base_model(model: nn.Module) -> None:
-    from ..ensemble import ADAPTER_TYPES
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_peft needs the base nn.Module, got {type(model).__name__}")
     if hasattr(model, "peft_config"):
         raise TypeError("from_peft needs the plain base model, not a PeftModel; pass a freshly loaded base model")
-    if any(isinstance(m, ADAPTER_TYPES) for m in model.modules()):
+    if any(isinstance(m, MemberModule) for m in model.modules()):
         raise ValueError("this model already carries LoRA-Ensemble adapters; load the adapters onto a fresh base model")
 
 

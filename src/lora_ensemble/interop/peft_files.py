@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .hub import resolve_checkpoint
+from lora_ensemble.io import read_weights, resolve_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -84,8 +84,6 @@ def read_peft_adapter(path: str | os.PathLike, module_names: list[str]) -> PeftA
 
     weights_file = os.path.join(folder, ADAPTER_WEIGHTS)
     if os.path.isfile(weights_file):
-        from ..ensemble import read_weights  # names the file when it is not readable safetensors
-
         tensors = read_weights(weights_file)
     elif os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS_BIN)):
         weights_file = os.path.join(folder, ADAPTER_WEIGHTS_BIN)

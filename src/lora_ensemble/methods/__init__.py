@@ -44,7 +44,7 @@ from typing import Any
 
 from torch import nn
 
-from . import batch_ensemble, explicit, lora, mc_dropout, single, snapshot
+from lora_ensemble.methods import batch_ensemble, explicit, lora, mc_dropout, single, snapshot
 
 METHODS: dict[str, Callable[..., nn.Module]] = {
     "single": single.build,

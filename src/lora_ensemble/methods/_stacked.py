@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..batch import output_tensor
+from lora_ensemble.core.batch import output_tensor
 
 
 class StackedCall:

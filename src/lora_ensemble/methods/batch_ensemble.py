@@ -20,60 +20,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import LoraEnsembleConfig
-from ..batch import MemberModule, RowContract, batch_size_of, output_tensor, repeat_batch
-from ..ensemble import bind_member_modules, set_submodule
-from ..heads import stack_head
-from ..layers import adapter_dtype
-from ..targets import find_heads, find_targets
-
-INITS = ("gaussian", "random_sign", "ones")
-
-
-class BatchEnsembleLinear(MemberModule):
-    """A frozen nn.Linear with M rank-1 fast weights: r (M, in), s (M, out), bias (M, out).
-    Input (M*B, ..., in) -> output (M*B, ..., out), member-major rows."""
-
-    def __init__(self, base_layer: nn.Linear, num_members: int, init: str = "gaussian", init_std: float = 0.1,
-                 generator: torch.Generator | None = None):
-        super().__init__()
-        self.base_layer = base_layer
-        self.num_members = num_members
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        w = base_layer.weight
-        r = _draw((num_members, self.in_features), init, init_std, generator)
-        s = _draw((num_members, self.out_features), init, init_std, generator)
-        bias = base_layer.bias.detach() if base_layer.bias is not None else w.new_zeros(self.out_features)
-        dtype = adapter_dtype(w.dtype)
-        self.r = nn.Parameter(r.to(device=w.device, dtype=dtype))
-        self.s = nn.Parameter(s.to(device=w.device, dtype=dtype))
-        self.bias = nn.Parameter(bias.to(dtype).expand(num_members, -1).clone())
-
-    def forward(self, x: Tensor) -> Tensor:
-        M = self.num_members
-        return self.run_member_major(x, self.forward_member_major)
-
-    def forward_member_major(self, x: Tensor) -> Tensor:
-        """x: (M*B, ..., in) member-major on dimension 0."""
-        M = self.num_members
-        h = x.reshape(M, -1, self.in_features) * self.r.to(x.dtype).unsqueeze(1)        # (M, N, in)
-        y = F.linear(h, self.base_layer.weight)                                          # (M, N, out), shared W
-        y = torch.addcmul(self.bias.to(y.dtype).unsqueeze(1), y, self.s.to(y.dtype).unsqueeze(1))
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"num_members={self.num_members}, in_features={self.in_features}, out_features={self.out_features}"
-
-
-def _draw(shape: tuple[int, int], init: str, std: float, generator: torch.Generator | None) -> Tensor:
-    if init == "ones":
-        return torch.ones(shape)
-    if init == "gaussian":
-        return torch.empty(shape).normal_(1.0, std, generator=generator)
-    return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1      # random_sign
+from lora_ensemble.core.batch import RowContract, run_members
+from lora_ensemble.core.config import LoraEnsembleConfig
+from lora_ensemble.core.ensemble import bind_member_modules, set_submodule
+from lora_ensemble.core.heads import stack_head
+from lora_ensemble.core.layers import FAST_WEIGHT_INITS, BatchEnsembleLinear
+from lora_ensemble.core.targets import find_heads, find_targets
 
 
 class BatchEnsemble(nn.Module):
@@ -83,8 +37,8 @@ class BatchEnsemble(nn.Module):
                  layers: list[int] | None = None, head: str | list[str] | None = "auto", head_init: str = "random",
                  init: str = "gaussian", init_std: float = 0.1, seed: int = 0):
         super().__init__()
-        if init not in INITS:
-            raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+        if init not in FAST_WEIGHT_INITS:
+            raise ValueError(f"init must be one of {list(FAST_WEIGHT_INITS)}, got {init!r}")
         if not isinstance(init_std, (int, float)) or init_std < 0:
             raise ValueError(f"init_std must be a number >= 0, got {init_std!r}")
         config = LoraEnsembleConfig(num_members=num_members, target_modules=target_modules, layers=layers,
@@ -110,14 +64,4 @@ class BatchEnsemble(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """Inputs as for `model` (batch B); output (M, B, ...)."""
-        M = self.num_members
-        source, batch_size = batch_size_of(args, kwargs)
-        self.row_contract.open(M * batch_size, owner="BatchEnsemble")
-        try:
-            args, kwargs = repeat_batch(args, kwargs, batch_size, M, source=source)
-            out = output_tensor(self.model(*args, **kwargs))
-        finally:
-            self.row_contract.close()
-        if out.shape[0] != M * batch_size:
-            raise ValueError(f"the model returned {out.shape[0]} rows for {M} members x batch {batch_size}")
-        return out.view(M, batch_size, *out.shape[1:])
+        return run_members(self.model, args, kwargs, self.num_members, self.row_contract, owner="BatchEnsemble")

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import LoraEnsembleConfig
-from ..targets import find_heads
-from ._stacked import StackedCall, forked_rng
+from lora_ensemble.core.batch import check_num_members
+from lora_ensemble.core.config import LoraEnsembleConfig
+from lora_ensemble.core.targets import find_heads
+from lora_ensemble.methods._stacked import StackedCall, forked_rng
 
 
 class ExplicitEnsemble(nn.Module):
@@ -34,8 +35,7 @@ class ExplicitEnsemble(nn.Module):
     def __init__(self, model: nn.Module, num_members: int = 4, head: str | list[str] | None = "auto",
                  head_init: str = "random", seed: int = 0, vectorize: bool | None = None):
         super().__init__()
-        if not isinstance(num_members, int) or isinstance(num_members, bool) or num_members < 1:
-            raise ValueError(f"num_members must be an integer >= 1, got {num_members!r}")
+        check_num_members(num_members)
         if head_init not in ("random", "copy"):
             raise ValueError(f"head_init must be 'random' or 'copy', got {head_init!r}")
         self.num_members = num_members

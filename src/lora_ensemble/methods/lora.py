@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from ..config import LoraEnsembleConfig
-from ..ensemble import LoraEnsemble
+from lora_ensemble.core.config import LoraEnsembleConfig
+from lora_ensemble.core.ensemble import LoraEnsemble
 
 CONFIG_FIELDS = [f.name for f in dataclasses.fields(LoraEnsembleConfig) if f.name != "num_members"]
 

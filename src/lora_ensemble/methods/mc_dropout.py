@@ -26,10 +26,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..batch import expand_batch, output_tensor
-from ..ensemble import LoraEnsemble
-from .lora import CONFIG_FIELDS, _config
-from ._stacked import forked_rng, model_devices, single_output
+from lora_ensemble.core.batch import check_num_members, run_members
+from lora_ensemble.core.ensemble import LoraEnsemble
+from lora_ensemble.methods._stacked import forked_rng, model_devices, single_output
+from lora_ensemble.methods.lora import CONFIG_FIELDS, _config
 
 ATTENTION_DROPOUT_ATTRS = ("dropout", "attn_drop", "attn_dropout", "attention_dropout", "attn_drop_p", "dropout_p")
 HF_ATTENTION_FIELDS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
@@ -42,8 +42,7 @@ class MCDropout(nn.Module):
     def __init__(self, model: nn.Module, num_members: int = 4, dropout: float | None = None,
                  attention_dropout: float | None = None, seed: int | None = 0, lora: bool = False, **lora_options: Any):
         super().__init__()
-        if not isinstance(num_members, int) or isinstance(num_members, bool) or num_members < 1:
-            raise ValueError(f"num_members (test-time passes) must be an integer >= 1, got {num_members!r}")
+        check_num_members(num_members, "test-time passes")
         for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
             if rate is not None and not (isinstance(rate, (int, float)) and 0.0 <= rate < 1.0):
                 raise ValueError(f"{name} must be a rate in [0, 1) or None (keep the model's), got {rate!r}")
@@ -83,11 +82,8 @@ class MCDropout(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         if self.training:
             return single_output(self.model, args, kwargs)
-        M = self.num_members
-        batch_size, args, kwargs = expand_batch(args, kwargs, M)
         with forked_rng(self.seed, model_devices(self.model)), self.dropout_on():
-            out = output_tensor(self.model(*args, **kwargs))
-        return out.view(M, batch_size, *out.shape[1:])
+            return run_members(self.model, args, kwargs, self.num_members, owner="MCDropout")
 
     @contextlib.contextmanager
     def dropout_on(self) -> Iterator[None]:

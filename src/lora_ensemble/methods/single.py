@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._stacked import single_output
+from lora_ensemble.methods._stacked import single_output
 
 
 class SingleModel(nn.Module):

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._stacked import StackedCall, single_output
+from lora_ensemble.core.batch import check_num_members
+from lora_ensemble.methods._stacked import StackedCall, single_output
 
 
 class SnapshotEnsemble(nn.Module):
@@ -36,8 +37,7 @@ class SnapshotEnsemble(nn.Module):
 
     def __init__(self, model: nn.Module, num_members: int = 4, vectorize: bool | None = None):
         super().__init__()
-        if not isinstance(num_members, int) or isinstance(num_members, bool) or num_members < 1:
-            raise ValueError(f"num_members (cycles) must be an integer >= 1, got {num_members!r}")
+        check_num_members(num_members, "cycles")
         self.num_members = num_members
         self.model = model.requires_grad_(True)
         self.snapshots = nn.Module()

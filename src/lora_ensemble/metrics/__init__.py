@@ -5,7 +5,12 @@ is computed from it (see :func:`predictive`). Inputs may be torch tensors or num
 float64; scalar results are Python floats. Bad inputs raise ``ValueError`` naming the problem.
 """
 
-from .calibration import (
+from lora_ensemble.extras import require
+
+require("train", "torchmetrics", "numpy", feature="the metrics (lora_ensemble.metrics)")
+
+
+from lora_ensemble.metrics.calibration import (
     NLL_EPS,
     CalibrationBins,
     accuracy,
@@ -17,12 +22,19 @@ from .calibration import (
     maximum_calibration_error,
     negative_log_likelihood,
 )
-from .diversity import diversity, error_correlation, member_metrics, pairwise_disagreement, pairwise_js, pairwise_kl
-from .evaluate import evaluate
-from .ood import SCORE_NAMES, auroc, average_precision, fpr_at_tpr, ood_metrics, ood_scores
-from .predictive import Predictive, entropy, predictive
-from .selective import accuracy_at_coverage, aurc, risk_coverage
-from .temperature import TemperatureScaler, apply_temperature, fit_temperature
+from lora_ensemble.metrics.diversity import (
+    diversity,
+    error_correlation,
+    member_metrics,
+    pairwise_disagreement,
+    pairwise_js,
+    pairwise_kl,
+)
+from lora_ensemble.metrics.evaluate import evaluate
+from lora_ensemble.metrics.ood import SCORE_NAMES, auroc, average_precision, fpr_at_tpr, ood_metrics, ood_scores
+from lora_ensemble.metrics.predictive import Predictive, entropy, predictive
+from lora_ensemble.metrics.selective import accuracy_at_coverage, aurc, risk_coverage
+from lora_ensemble.metrics.temperature import TemperatureScaler, apply_temperature, fit_temperature
 
 __all__ = [
     "NLL_EPS",

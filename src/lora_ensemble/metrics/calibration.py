@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torchmetrics.functional.classification import multiclass_stat_scores
 
-from ._checks import as_float64, check_labels, check_n_bins, check_probs
+from lora_ensemble.metrics._checks import as_float64, check_labels, check_n_bins, check_probs
 
 #: Lower clamp on the true-class probability in :func:`negative_log_likelihood` (probability input only).
 NLL_EPS = 1e-12

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ._checks import check_labels, check_member_logits
-from .predictive import pairwise_argmax_disagreement
+from lora_ensemble.metrics._checks import check_labels, check_member_logits
+from lora_ensemble.metrics.predictive import pairwise_argmax_disagreement
 
 
 def pairwise_disagreement(member_logits: Any) -> float:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._checks import check_labels, check_member_logits, check_n_bins
-from .calibration import (
+from lora_ensemble.metrics._checks import check_labels, check_member_logits, check_n_bins
+from lora_ensemble.metrics.calibration import (
     accuracy,
     adaptive_calibration_error,
     brier_score,
@@ -14,10 +14,10 @@ from .calibration import (
     maximum_calibration_error,
     negative_log_likelihood,
 )
-from .diversity import diversity, member_metrics
-from .ood import SCORE_NAMES, ood_metrics, ood_scores
-from .predictive import predictive
-from .selective import accuracy_at_coverage, aurc
+from lora_ensemble.metrics.diversity import diversity, member_metrics
+from lora_ensemble.metrics.ood import SCORE_NAMES, ood_metrics, ood_scores
+from lora_ensemble.metrics.predictive import predictive
+from lora_ensemble.metrics.selective import accuracy_at_coverage, aurc
 
 
 def evaluate(

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ._checks import check_member_logits, check_scores
-from .predictive import predictive
+from lora_ensemble.metrics._checks import check_member_logits, check_scores
+from lora_ensemble.metrics.predictive import predictive
 
 SCORE_NAMES = ("msp", "entropy", "mi", "energy")
 

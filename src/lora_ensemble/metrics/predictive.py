@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._checks import check_member_logits
+from lora_ensemble.metrics._checks import check_member_logits
 
 
 @dataclass(frozen=True, eq=False)

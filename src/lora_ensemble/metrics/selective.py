@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from ._checks import check_labels, check_probs, check_scores
+from lora_ensemble.metrics._checks import check_labels, check_probs, check_scores
 
 
 def risk_coverage(

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ._checks import check_labels, check_member_logits
+from lora_ensemble.metrics._checks import check_labels, check_member_logits
 
 MODES = ("members", "ensemble")
 _GRID = 41

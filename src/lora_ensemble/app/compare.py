@@ -1,0 +1,416 @@
+"""`lora-ensemble compare`: several methods on the same data, budget and seeds; one table of mean ± std.
+
+    lora-ensemble compare --config configs/compare_bbc_minilm.yaml --seeds 3 --output-dir runs/compare
+
+The YAML is a run config (see `run_config`) plus an optional top-level `compare:` mapping of per-method
+overrides, each a partial run config merged over the base for that method only:
+
+    compare:
+      single:     {training: {lr: 1e-4}}                   # full fine-tuning wants a smaller lr than LoRA
+      mc_dropout: {training: {lr: 1e-4}, method: {dropout: 0.1}}
+
+Run (method m, seed index i) = the base config with `method.name = m`, minus the base method options m does
+not take (LoRA's `r` for `single`), with `compare.m` merged on top, `seed = base seed + i`, progress bars off;
+it trains into `output_dir/m/seed<i>`. The data split is the same for every run (data options are not varied).
+
+Before any training: unknown method names are refused (listing the known ones), every run config is
+validated, and each method is built once on the model; a method that cannot be built (e.g. mc_dropout on a
+model without dropout) is not run and its row says why. A run that fails later gets a row with its error.
+
+Peak memory: each run trains in a fresh process (`python -m lora_ensemble.app.compare --one RUN_DIR`) that
+reports its own `ru_maxrss`, the peak resident set of the process: model, data, activations, optimizer
+state, plus the interpreter and libraries every run pays alike (`baseline_rss_bytes` in results.json is that
+part, measured before the run). On CUDA it adds `torch.cuda.max_memory_allocated`. A fresh process also
+keeps one run's crash or out-of-memory kill away from the others. `isolate=False` runs in this process
+(faster for tests; no CPU peak memory then).
+
+Output folder:
+    results.md, results.csv    one row per method, mean ± std over seeds; a failed run adds a row with its error
+    results.json               every run's full results and config, the aggregate, the command
+    figures/                   `report.write_figures` of seed 0: all methods on shared axes
+    <method>/seed<i>/          the run folder (see `runner`) + test_outputs.safetensors, compare_run.json, log.txt
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import gc
+import inspect
+import io
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+import yaml
+
+import lora_ensemble
+from lora_ensemble.app.run_config import ConfigError, RunConfig, apply_overrides, parse_run_config
+from lora_ensemble.io import atomic_write_bytes
+from lora_ensemble.methods import METHODS, accepts_option
+from lora_ensemble.methods.lora import CONFIG_FIELDS as LORA_FIELDS
+
+OUTPUTS_FILE = "test_outputs.safetensors"
+STATUS_FILE = "compare_run.json"
+LOG_FILE = "log.txt"
+
+# (column title, key in an aggregate row, format); rows hold (mean, std) tuples over seeds
+COLUMNS = [
+    ("acc", "acc", ".3f"), ("F1", "f1", ".3f"), ("ECE", "ece", ".3f"), ("NLL", "nll", ".3f"),
+    ("Brier", "brier", ".3f"), ("OOD AUROC (entropy)", "ood/auroc_entropy", ".3f"),
+    ("OOD AUROC (MI)", "ood/auroc_mi", ".3f"), ("AURC", "sc/aurc", ".3f"),
+    ("disagreement", "div/disagreement", ".3f"), ("trainable params", "trainable_parameters", ",.0f"),
+    ("params in memory", "total_parameters", ",.0f"), ("train s", "train_time_s", ".1f"),
+    ("infer ms/sample", "inference_ms_per_sample", ".2f"), ("peak MB", "peak_memory_mb", ".0f"),
+    ("seeds", "seeds", "s"),
+]
+
+
+# ---- configs --------------------------------------------------------------------------------------------
+def read_compare_config(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[dict, dict]:
+    """(base run config as a dict, per-method overrides) from a YAML file; `overrides` ('a.b=v', also
+    'compare.explicit.training.lr=1e-4') are applied first."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {os.fspath(path)!r} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{os.fspath(path)} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{os.fspath(path)}: a run config is a mapping, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides or []))
+    per_method = data.pop("compare", None) or {}
+    if not isinstance(per_method, dict):
+        raise ConfigError(f"compare: expected a mapping of method name -> overrides, got {per_method!r}")
+    for name, section in per_method.items():
+        if name not in METHODS:
+            raise ConfigError(f"compare.{name}: unknown method; known methods: {sorted(METHODS)}")
+        if not isinstance(section, dict) or "name" in (section.get("method") or {}):
+            raise ConfigError(f"compare.{name}: expected a partial run config (e.g. {{training: {{lr: 1e-4}}}}) "
+                              f"that does not change method.name, got {section!r}")
+    parse_run_config(copy.deepcopy(data))  # the base must be valid on its own
+    return data, per_method
+
+
+def takes_option(method: str, option: str, options: dict[str, Any]) -> bool:
+    """Whether `method` takes method option `option`. Builders with named options say so themselves
+    (`accepts_option`); their `**options`, where present, are LoraEnsembleConfig fields, which a builder
+    with a `lora` switch (mc_dropout) takes only when `options` turn it on."""
+    if option == "num_members":
+        return True
+    params = inspect.signature(METHODS[method]).parameters
+    if option in params and params[option].kind is not inspect.Parameter.VAR_KEYWORD:
+        return True
+    if not accepts_option(method, option):
+        return False
+    if "lora" in params and not options.get("lora"):
+        return False
+    return option in LORA_FIELDS or option == "config"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
+
+
+def method_config(base: dict, per_method: dict, method: str, seed_index: int) -> tuple[RunConfig, list[str]]:
+    """The run config of (method, seed index) and the base method options dropped for it."""
+    extra = copy.deepcopy(per_method.get(method) or {})
+    base_options = {k: v for k, v in (base.get("method") or {}).items() if k != "name"}
+    flags = {**base_options, **(extra.get("method") or {})}
+    dropped = sorted(k for k in base_options if not takes_option(method, k, flags))
+    raw = copy.deepcopy(base)
+    raw["method"] = {"name": method, **{k: v for k, v in base_options.items() if k not in dropped}}
+    raw = _merge(raw, extra)
+    raw["seed"] = int(raw.get("seed", 0)) + seed_index
+    raw.setdefault("training", {})["progress_bar"] = False
+    try:
+        return parse_run_config(raw), dropped
+    except ConfigError as e:
+        raise ConfigError(f"{method}: {e}") from None
+
+
+# ---- one run ----------------------------------------------------------------------------------------------
+def _error_line(e: BaseException) -> str:
+    """The first line of the error, after its type (a ConfigError's message already names the key)."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    return first if isinstance(e, ConfigError) and first else f"{type(e).__name__}: {first}".strip()
+
+
+def train_one(config: RunConfig, run_dir: str) -> dict[str, Any]:
+    """Train one run into `run_dir`, save its test outputs; never raises: returns {'status': 'ok', 'results'}
+    or {'status': 'failed', 'error' (first line), 'traceback'}."""
+    from safetensors.torch import save_file
+
+    from lora_ensemble.app.runner import fit
+
+    try:
+        results, run = fit(config, run_dir)
+        logits, labels, ood = run.module.last_outputs["test"]
+        tensors = {"member_logits": logits.contiguous(), "labels": labels.contiguous()}
+        if ood is not None:
+            tensors["ood_member_logits"] = ood.contiguous()
+        save_file(tensors, os.path.join(run_dir, OUTPUTS_FILE))
+        return {"status": "ok", "results": results}
+    except Exception as e:  # noqa: BLE001 - a failed run is reported in its row, never hidden
+        return {"status": "failed", "error": _error_line(e), "traceback": traceback.format_exc()}
+
+
+def _child_main(run_dir: str) -> int:
+    """`python -m lora_ensemble.app.compare --one RUN_DIR`: train RUN_DIR/run_config.yaml, write compare_run.json."""
+    import torch
+
+    from lora_ensemble.app.run_config import load_run_config
+    from lora_ensemble.app.runner import CONFIG_FILE  # imports Lightning and transformers: part of the baseline
+
+    baseline = _rss_now()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        status = train_one(load_run_config(os.path.join(run_dir, CONFIG_FILE)), run_dir)
+    except ConfigError as e:
+        status = {"status": "failed", "error": _error_line(e), "traceback": traceback.format_exc()}
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    status.update(peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+                  baseline_rss_bytes=baseline)
+    if cuda:
+        status["peak_cuda_memory_bytes"] = torch.cuda.max_memory_allocated()
+    atomic_write_bytes(os.path.join(run_dir, STATUS_FILE), json.dumps(status, indent=2).encode())
+    return 0 if status["status"] == "ok" else 1
+
+
+def _rss_now() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def run_isolated(config: RunConfig, run_dir: str) -> dict[str, Any]:
+    """Train in a fresh Python process; its output goes to run_dir/log.txt."""
+    from lora_ensemble.app.runner import CONFIG_FILE
+
+    os.makedirs(run_dir, exist_ok=True)
+    status_path = os.path.join(run_dir, STATUS_FILE)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(status_path)  # never read a previous compare's result
+    atomic_write_bytes(os.path.join(run_dir, CONFIG_FILE), yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    src = os.path.dirname(os.path.dirname(os.path.abspath(lora_ensemble.__file__)))  # the folder that holds the package
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+               TOKENIZERS_PARALLELISM="false")
+    with open(os.path.join(run_dir, LOG_FILE), "wb") as log:
+        proc = subprocess.run([sys.executable, "-m", "lora_ensemble.app.compare", "--one", run_dir],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    if os.path.isfile(status_path):
+        with open(status_path, encoding="utf-8") as f:
+            return json.load(f)
+    why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+    if proc.returncode in (-9, 137):
+        why += " (out of memory?)"
+    return {"status": "failed", "error": f"the run process ended without a result ({why}); see {run_dir}/{LOG_FILE}"}
+
+
+def run_in_process(config: RunConfig, run_dir: str) -> dict[str, Any]:
+    """Train in this process; peak memory only on CUDA (this process's RSS high-water mark is not the run's)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    return {**train_one(config, run_dir), "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+
+
+def preflight(config: RunConfig) -> str | None:
+    """Build data, model and method once (no training); the error line, or None when it builds."""
+    from lora_ensemble.app.runner import build_run
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            build_run(config)  # model loading reports are noise here; the run's log.txt keeps them
+    except Exception as e:  # noqa: BLE001 - shown in the method's row
+        return _error_line(e)
+    finally:
+        gc.collect()
+    return None
+
+
+# ---- tables ------------------------------------------------------------------------------------------------
+def _scalars(status: dict[str, Any]) -> dict[str, float]:
+    from lora_ensemble.app.tables import flat_row  # imported here: a run's process needs no plotting library
+
+    row = flat_row(status["results"])
+    if "inference_time_per_sample_s" in row:
+        row["inference_ms_per_sample"] = row["inference_time_per_sample_s"] * 1000
+    if status.get("peak_memory_bytes") is not None:
+        row["peak_memory_bytes"] = status["peak_memory_bytes"]
+        row["peak_memory_mb"] = status["peak_memory_bytes"] / 2**20
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{key: {mean, std, n}} over the successful runs; std is the sample std (0 for one run)."""
+    ok = [_scalars(r) for r in runs if r["status"] == "ok"]
+    out = {}
+    for key in sorted({k for row in ok for k in row}):
+        values = [row[key] for row in ok if key in row]
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+        out[key] = {"mean": mean, "std": var ** 0.5, "n": len(values)}
+    return out
+
+
+def table_rows(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One row per method (mean ± std, or one value when every seed agrees or there is one seed), plus a
+    row per failed run; a method whose runs all failed with one error gets that error as its only row."""
+    rows: dict[str, dict[str, Any]] = {}
+    for method, method_runs in runs.items():
+        failed = [(i, r) for i, r in enumerate(method_runs) if r["status"] != "ok"]
+        if len(failed) == len(method_runs) and len({r["error"] for _, r in failed}) == 1:
+            rows[method] = {"error": _cell_text(failed[0][1]["error"])}
+            continue
+        if len(failed) < len(method_runs):
+            stats = aggregate(method_runs)
+            row: dict[str, Any] = {k: s["mean"] if s["n"] == 1 or s["std"] == 0 else (s["mean"], s["std"])
+                                   for k, s in stats.items()}
+            row["seeds"] = f"{len(method_runs) - len(failed)}/{len(method_runs)}"
+            rows[method] = row
+        for i, r in failed:
+            rows[f"{method} (seed{i})"] = {"error": _cell_text(r["error"])}
+    return rows
+
+
+def _cell_text(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def csv_text(runs: dict[str, list[dict[str, Any]]]) -> str:
+    keys = [key for _, key, _ in COLUMNS if key != "seeds"]
+    extra = sorted({k for rs in runs.values() for k in aggregate(rs)} - set(keys))
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["method", "seeds_ok", "seeds", "errors"] + [f"{k}_{s}" for k in keys + extra for s in ("mean", "std")])
+    for method, method_runs in runs.items():
+        stats = aggregate(method_runs)
+        errors = "; ".join(f"seed{i}: {r['error']}" for i, r in enumerate(method_runs) if r["status"] != "ok")
+        ok = sum(r["status"] == "ok" for r in method_runs)
+        cells = [stats[k][s] if k in stats else "" for k in keys + extra for s in ("mean", "std")]
+        writer.writerow([method, ok, len(method_runs), errors] + cells)
+    return out.getvalue()
+
+
+# ---- the comparison ------------------------------------------------------------------------------------------
+def run_compare(config_path: str, methods: list[str] | None = None, seeds: int = 3, output_dir: str = "runs/compare",
+                overrides: list[str] | None = None, isolate: bool = True) -> dict[str, Any]:
+    """Train every (method, seed) of the config, write results.md/.csv/.json and figures into `output_dir`;
+    returns what results.json holds. `methods=None` means every registered method."""
+    methods = list(methods) if methods else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; known methods: {sorted(METHODS)}")
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    overrides = list(overrides or [])
+    base, per_method = read_compare_config(config_path, overrides)
+    configs = {m: [method_config(base, per_method, m, i) for i in range(seeds)] for m in methods}
+    command = shlex.join(["lora-ensemble", "compare", "--config", os.fspath(config_path), "--methods", ",".join(methods),
+                          "--seeds", str(seeds), "--output-dir", os.fspath(output_dir)] + (["--set", *overrides] if overrides else []))
+    summary: dict[str, Any] = {
+        "command": command, "argv": sys.argv, "config_path": os.fspath(config_path), "overrides": overrides,
+        "config": {**base, "compare": per_method}, "methods": methods, "seeds": seeds, "isolate": isolate,
+        "peak_memory": "ru_maxrss of a fresh process per run (includes interpreter + libraries: baseline_rss_bytes)"
+                       if isolate else "torch.cuda.max_memory_allocated on CUDA, else not measured (in-process)",
+        "runs": {}, "aggregate": {}, "figures": [],
+    }
+    start = time.perf_counter()
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    runs: dict[str, list[dict[str, Any] | None]] = {m: [None] * seeds for m in methods}
+    for method in methods:  # build each method once before any training
+        config, dropped = configs[method][0]
+        note = f" (dropped method options {dropped}: not taken by {method})" if dropped else ""
+        error = preflight(config)
+        log(f"check {method}: {'builds' if error is None else 'cannot run: ' + error}{note}")
+        if error is not None:
+            runs[method] = [{"status": "failed", "error": error, "stage": "build", "seed": c.seed}
+                            for c, _ in configs[method]]
+    if all(runs[m][0] is not None for m in methods):
+        _write_tables(output_dir, summary, runs, configs)
+        raise ConfigError(f"no method can run on this config: {runs[methods[0]][0]['error']} (see {output_dir}/results.md)")
+    # seed-major order: an interrupted comparison still has every method (results are rewritten after each run)
+    todo = [(i, m) for i in range(seeds) for m in methods if runs[m][i] is None]
+    for n, (i, method) in enumerate(todo, 1):
+        config, _ = configs[method][i]
+        run_dir = os.path.join(output_dir, method, f"seed{i}")
+        t0 = time.perf_counter()
+        status = run_isolated(config, run_dir) if isolate else run_in_process(config, run_dir)
+        status.update(run_dir=run_dir, seed=config.seed, wall_time_s=time.perf_counter() - t0)
+        runs[method][i] = status
+        done = f"acc {status['results']['metrics']['acc']:.3f}" if status["status"] == "ok" else f"FAILED: {status['error']}"
+        log(f"[{n}/{len(todo)}] {method} seed{i}: {status['wall_time_s']:.0f} s, {done}")
+        _write_tables(output_dir, summary, runs, configs)
+    table = _write_tables(output_dir, summary, runs, configs)
+    summary["figures"] = _write_figures(output_dir, runs)
+    summary["total_time_s"] = time.perf_counter() - start
+    atomic_write_bytes(os.path.join(output_dir, "results.json"), json.dumps(summary, indent=2).encode())
+    log("\n" + table)
+    log(f"\nwrote results.md, results.csv, results.json and {len(summary['figures'])} figures to {output_dir}/ "
+        f"in {summary['total_time_s'] / 60:.1f} min")
+    return summary
+
+
+def _write_tables(output_dir: str, summary: dict[str, Any], runs: dict[str, list], configs: dict) -> str:
+    """Rewrite the three result files from the runs finished so far (pending runs are left out); returns
+    the Markdown table."""
+    finished = {m: [r for r in rs if r is not None] for m, rs in runs.items()}
+    finished = {m: rs for m, rs in finished.items() if rs}
+    summary["runs"] = {m: [{**r, "config": configs[m][i][0].to_dict()} for i, r in enumerate(rs) if r is not None]
+                       for m, rs in runs.items()}
+    summary["aggregate"] = {m: aggregate(rs) for m, rs in finished.items()}
+    from lora_ensemble.app.tables import markdown_table
+
+    baselines = sorted(r["baseline_rss_bytes"] for rs in finished.values() for r in rs if r.get("baseline_rss_bytes"))
+    memory = (f"peak RSS of the run's own process, of which ~{baselines[len(baselines) // 2] / 2**20:.0f} MB is Python, "
+              "torch and Lightning before the run loads anything" if baselines else summary["peak_memory"])
+    header = f"<!-- {summary['command']} -->\n\nmean ± std over seeds (sample std); peak MB: {memory}\n\n"
+    table = markdown_table(table_rows(finished), COLUMNS)
+    atomic_write_bytes(os.path.join(output_dir, "results.md"), (header + table + "\n").encode())
+    atomic_write_bytes(os.path.join(output_dir, "results.csv"), csv_text(finished).encode())
+    atomic_write_bytes(os.path.join(output_dir, "results.json"), json.dumps(summary, indent=2).encode())
+    return table
+
+
+def _write_figures(output_dir: str, runs: dict[str, list]) -> list[str]:
+    """`report.write_figures` of each method's first successful seed, all methods together."""
+    from safetensors.torch import load_file
+
+    from lora_ensemble.app.tables import write_figures
+
+    outputs = {}
+    for method, method_runs in runs.items():
+        ok = next((r for r in method_runs if r is not None and r["status"] == "ok"), None)
+        if ok is not None:
+            t = load_file(os.path.join(ok["run_dir"], OUTPUTS_FILE))
+            outputs[method] = (t["member_logits"], t["labels"], t.get("ood_member_logits"))
+    if not outputs:
+        return []
+    highlight = "lora_ensemble" if "lora_ensemble" in outputs else None
+    return [str(p) for p in write_figures(outputs, os.path.join(output_dir, "figures"), highlight=highlight)]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "--one":
+        sys.exit("usage: python -m lora_ensemble.app.compare --one RUN_DIR   (one run of `lora-ensemble compare`)")
+    sys.exit(_child_main(sys.argv[2]))
