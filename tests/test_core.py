@@ -78,7 +78,7 @@ def test_backbone_stays_frozen_and_bit_identical_after_training_steps(family):
 
 def _expected_trainable(model, ens: LoraEnsemble) -> int:
     """M x (adapters + heads), counted from the original modules."""
-    cfg = ens.config
+    cfg = ens.ensemble_config
     per_member = 0
     for name in ens.target_names:
         module = model.get_submodule(name)

@@ -169,7 +169,7 @@ def test_separately_trained_peft_adapters_become_one_ensemble(tmp_path, family, 
     base, make_batch = build(family)
     ens = from_peft(base, folders).eval()
     ranks = [r for a in adapters for r in (a["r"], *a.get("rank_pattern", {}).values())]
-    assert (ens.num_members, ens.config.r, ens.config.scaling) == (len(adapters), max(ranks), 1.0)
+    assert (ens.num_members, ens.ensemble_config.r, ens.ensemble_config.scaling) == (len(adapters), max(ranks), 1.0)
     batch = make_batch(4, torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = call(ens, batch)

@@ -1,4 +1,4 @@
-"""The package's shape: imports point down (app -> lightning -> methods/interop -> core/metrics/losses -> io),
+"""The package's shape: imports point down (app -> lightning -> methods/interop -> core/metrics -> losses/io),
 no import cycles, the library imports only torch and safetensors, and a missing extra is one clear error."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lora_ensemble"
 
 # rank of each part: a module may import modules of a lower rank, and modules of its own part ("": the facade,
 # lora_ensemble/__init__.py, which re-exports core, interop and losses)
-RANKS = {"": 2, "extras": 0, "io": 0, "core": 1, "metrics": 1, "losses": 1, "interop": 2, "methods": 2, "lightning": 3,
+RANKS = {"": 2, "extras": 0, "io": 0, "losses": 0, "core": 1, "metrics": 1, "interop": 2, "methods": 2, "lightning": 3,
          "app": 4}
 # third-party packages each part may import (anywhere in its files, at module level or inside functions)
 THIRD_PARTY = {
@@ -23,7 +23,7 @@ THIRD_PARTY = {
     "metrics": {"torch", "numpy", "torchmetrics"}, "interop": {"torch", "safetensors"}, "methods": {"torch"},
     "lightning": {"torch", "numpy", "lightning"},
     "app": {"torch", "numpy", "lightning", "yaml", "matplotlib", "safetensors", "transformers", "timm", "torchvision",
-            "PIL", "peft", "scipy", "datasets"},
+            "PIL", "peft", "scipy", "datasets", "optuna"},
 }
 LIBRARY_ONLY = ("lightning", "torchmetrics", "matplotlib", "transformers", "numpy", "yaml", "timm", "torchvision",
                 "peft", "PIL", "scipy", "datasets", "huggingface_hub")

@@ -143,7 +143,20 @@ def disable_transformer_fast_paths(model: nn.Module, member_module_names: list[s
         if not holds:
             continue
         if isinstance(module, nn.TransformerEncoder):
+            if not hasattr(module, "_nested_tensor_before_adapters"):
+                module._nested_tensor_before_adapters = module.use_nested_tensor
             module.use_nested_tensor = False
         if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
             if _fast_path_off not in module._forward_pre_hooks.values():
                 module.register_forward_pre_hook(_fast_path_off)
+
+
+def restore_transformer_fast_paths(model: nn.Module) -> None:
+    """Undo `disable_transformer_fast_paths` on every block of `model` (once its adapters are removed)."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and hasattr(module, "_nested_tensor_before_adapters"):
+            module.use_nested_tensor = module._nested_tensor_before_adapters
+            del module._nested_tensor_before_adapters
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _fast_path_off:
+                del module._forward_pre_hooks[key]

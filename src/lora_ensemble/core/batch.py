@@ -138,11 +138,13 @@ class MemberModule(nn.Module, abc.ABC):
 
 
 def run_members(model: nn.Module, args: tuple, kwargs: dict, num_members: int, contract: RowContract | None = None,
-                owner: str = "LoraEnsemble", forward: Callable[[int, tuple, dict], Tensor] | None = None) -> Tensor:
+                owner: str = "LoraEnsemble", forward: Callable[[int, tuple, dict], Any] | None = None,
+                return_output: bool = False) -> Tensor | tuple[Any, Tensor]:
     """Member outputs (M, B, ...) of `model` on one batch of B rows: the batch repeated member-major (M*B rows),
-    one call of the model, its prediction tensor viewed as (M, B, ...). With `contract`, it is open for M*B rows
-    during the call. `forward(B, args, kwargs) -> (M*B, ...)` replaces "repeat, then call the model" (the shared
-    trunk repeats inside the model). The one place where an owner of members runs them."""
+    one call of the model, its prediction tensor (`output_tensor`) viewed as (M, B, ...). With `contract`, it
+    is open for M*B rows during the call. `forward(B, args, kwargs)` replaces "repeat, then call the model" and
+    returns the model's output (the shared trunk repeats inside the model). With `return_output`, returns
+    (the model's own output object, member outputs). The one place where an owner of members runs them."""
     M = num_members
     source, batch_size = batch_size_of(args, kwargs)
     if contract is not None:
@@ -150,18 +152,20 @@ def run_members(model: nn.Module, args: tuple, kwargs: dict, num_members: int, c
     try:
         if forward is None:
             args, kwargs = repeat_batch(args, kwargs, batch_size, M, source=source)
-            output = output_tensor(model(*args, **kwargs))
+            output = model(*args, **kwargs)
         else:
             output = forward(batch_size, args, kwargs)
     finally:
         if contract is not None:
             contract.close()
-    if output.shape[0] != M * batch_size:
+    rows = output_tensor(output)
+    if rows.shape[0] != M * batch_size:
         raise ValueError(
-            f"the model returned {output.shape[0]} rows for {M} members x batch {batch_size}; {owner} needs a "
+            f"the model returned {rows.shape[0]} rows for {M} members x batch {batch_size}; {owner} needs a "
             "model whose output's leading dimension is the batch"
         )
-    return output.view(M, batch_size, *output.shape[1:])
+    member_outputs = rows.view(M, batch_size, *rows.shape[1:])
+    return (output, member_outputs) if return_output else member_outputs
 
 
 def expand_batch(args: tuple, kwargs: dict, num_members: int) -> tuple[int, tuple, dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -24,14 +25,20 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
-from lora_ensemble.core.attention import LoraEnsembleMultiheadAttention, check_supported, disable_transformer_fast_paths
-from lora_ensemble.core.batch import MemberModule, RowContract, run_members
+from lora_ensemble.core.attention import (
+    LoraEnsembleMultiheadAttention,
+    check_supported,
+    disable_transformer_fast_paths,
+    restore_transformer_fast_paths,
+)
+from lora_ensemble.core.batch import MemberModule, RowContract, output_tensor, run_members
 from lora_ensemble.core.config import CONFIG_NAME, LoraEnsembleConfig
 from lora_ensemble.core.heads import member_head, stack_head
 from lora_ensemble.core.layers import LoraEnsembleFusedLinear, LoraEnsembleLinear, init_lora_A
 from lora_ensemble.core.targets import block_names, find_heads, find_targets
 from lora_ensemble.core.trunk import shared_trunk_forward
 from lora_ensemble.io import atomic_write_bytes, check_fingerprint, fingerprint, read_weights, resolve_checkpoint
+from lora_ensemble.losses import member_cross_entropy
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
@@ -60,7 +67,7 @@ class LoraEnsemble(nn.Module):
             raise TypeError(f"LoraEnsemble wraps an nn.Module, got {type(model).__name__}")
         if any(isinstance(m, MemberModule) for m in model.modules()):
             raise ValueError("this model already carries LoRA-Ensemble adapters; wrap a fresh model")
-        self.config = config
+        self.ensemble_config = config
         self.base_fingerprint = fingerprint(model)
         heads = find_heads(model, config)
         targets = find_targets(model, config, heads)
@@ -69,6 +76,11 @@ class LoraEnsemble(nn.Module):
         for t in targets:
             if t.kind == "mha":
                 check_supported(t.module, t.name)
+        # what unload() gives back: the modules replaced here and the parameters' requires_grad (not registered
+        # as submodules, so they are neither in state_dict nor moved by .to(); target modules share their
+        # parameters with the adapters that wrap them)
+        self._replaced = {t.name: t.module for t in targets} | {name: model.get_submodule(name) for name in heads}
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         model.requires_grad_(False)
 
         generator = torch.Generator().manual_seed(config.seed)
@@ -104,26 +116,63 @@ class LoraEnsemble(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
     @property
-    def num_members(self) -> int:
-        return self.config.num_members
+    def config(self) -> Any:
+        """The wrapped model's own config (a Hugging Face `PretrainedConfig`; None for a model without one), as
+        PEFT's `PeftModel.config`; the ensemble's is `ensemble_config`."""
+        return getattr(self.model, "config", None)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Run all members on one batch: inputs as for `model`, output (M, B, ...)."""
-        if self.trunk_end is None or self.num_members == 1:
-            return run_members(self.model, args, kwargs, self.num_members, self.row_contract)
-        if torch.is_grad_enabled() and gradient_checkpointing(self.model):
-            raise ValueError(
-                "share_trunk does not work with gradient checkpointing: a checkpointed block is recomputed "
-                "in backward without the repeat of the batch at the first adapted block. Use one of them "
-                "(with share_trunk the frozen trunk blocks keep no activations for backward anyway)"
-            )
-        return run_members(self.model, args, kwargs, self.num_members, self.row_contract, forward=self._shared_trunk)
+    @property
+    def num_members(self) -> int:
+        return self.ensemble_config.num_members
+
+    # Hugging Face Trainer: the loss below is a mean over the batch, so the Trainer divides it by the gradient
+    # accumulation steps itself (and passes no num_items_in_batch)
+    accepts_loss_kwargs = False
+    return_dict = False  # ens.return_dict = True: every call returns the output object (what Trainer needs)
+
+    def forward(self, *args: Any, labels: Tensor | None = None, return_dict: bool | None = None, **kwargs: Any) -> Any:
+        """Run all members on one batch: inputs as for `model` (batch B), output the member outputs (M, B, ...).
+
+        With `return_dict=True` (or `ens.return_dict = True`, for loops that call `ens(**batch)` themselves, such
+        as Hugging Face `Trainer`), the model's own output object instead (e.g. a Hugging Face
+        `SequenceClassifierOutput`; a `MemberOutput` for a model that returns a tensor) with `logits` the member
+        logits (M, B, C) and, when `labels` (B,) are given, `loss` = 1/M sum_m CE(logits[m], labels) (the
+        paper's loss, `member_cross_entropy`), so loops that read `.loss` (Hugging Face `Trainer`) train the
+        ensemble unchanged. Other fields of the output keep the model's M*B rows. Without `return_dict`,
+        `labels` are passed on to the model, repeated like every batched input."""
+        if getattr(self, "_unloaded", False):
+            raise RuntimeError("this LoraEnsemble was unloaded (unload() gave its model back); wrap the model again")
+        return_dict = self.return_dict if return_dict is None else return_dict
+        if labels is not None and not return_dict:
+            kwargs["labels"] = labels
+        forward = None
+        if self.trunk_end is not None and self.num_members > 1:
+            if torch.is_grad_enabled() and gradient_checkpointing(self.model):
+                raise ValueError(
+                    "share_trunk does not work with gradient checkpointing: a checkpointed block is recomputed "
+                    "in backward without the repeat of the batch at the first adapted block. Use one of them "
+                    "(with share_trunk the frozen trunk blocks keep no activations for backward anyway)"
+                )
+            forward = self._shared_trunk
+        if not return_dict:
+            return run_members(self.model, args, kwargs, self.num_members, self.row_contract, forward=forward)
+        output, member_logits = run_members(self.model, args, kwargs, self.num_members, self.row_contract,
+                                            forward=forward, return_output=True)
+        loss = None
+        if labels is not None:
+            if member_logits.dim() != 3:
+                raise ValueError(
+                    f"return_dict with labels computes the classification loss on member logits (M, B, C); this "
+                    f"model's outputs are {tuple(member_logits.shape)}: compute the loss from them yourself"
+                )
+            loss = member_cross_entropy(member_logits, labels)
+        return with_member_logits(output, member_logits, loss)
 
     def _shared_trunk(self, batch_size: int, args: tuple, kwargs: dict) -> Tensor:
         """(M*B, ...): inputs stay B rows until the first adapted block (see trunk.py)."""
         M = self.num_members
         output = shared_trunk_forward(self.model, self.trunk_end, M, batch_size, args, kwargs, self.row_contract)
-        if output.shape[0] == batch_size != M * batch_size:
+        if output_tensor(output).shape[0] == batch_size != M * batch_size:
             raise ValueError(
                 f"share_trunk: the model returned {batch_size} rows, not {M} members x batch {batch_size}: it "
                 "combines the blocks' output with its original inputs (e.g. sequence classification that pools at "
@@ -144,16 +193,43 @@ class LoraEnsemble(nn.Module):
     def member(self, m: int) -> nn.Module:
         """A standalone model of the wrapped model's class: member m's adapters merged into the frozen
         weights and member m's head in place. `ens.member(m)(x)` equals `ens(x)[m]` to float tolerance."""
-        if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m < self.num_members:
-            raise IndexError(f"member index must be an integer in 0..{self.num_members - 1}, got {m!r}")
-        standalone = copy.deepcopy(self.model)
-        dtype = frozen_dtype(standalone)
-        with torch.no_grad(), _no_autocast():  # merge in the parameters' own precision, whatever the caller's
-            for name in self.head_names:
-                set_submodule(standalone, name, member_head(standalone.get_submodule(name), m, dtype))
-            _merge_adapters(standalone, m)
-        standalone.requires_grad_(True)
-        return standalone
+        return standalone_member(self.model, self.head_names, self.num_members, m)
+
+    def unload(self) -> nn.Module:
+        """The wrapped model as it was before `LoraEnsemble(model, ...)`: every adapter replaced by the module it
+        wrapped (whose frozen weights never changed), the original heads back (as they were before training; the
+        members' trained heads go with the ensemble), `requires_grad` of every parameter as before. As PEFT's
+        `unload()`; the ensemble cannot be used afterwards. `member(m)` gives a model with member m merged."""
+        if getattr(self, "_unloaded", False):
+            raise RuntimeError("this LoraEnsemble was already unloaded")
+        model, dtype = self.model, frozen_dtype(self.model)
+        for name, original in self._replaced.items():
+            if name not in self.target_names:  # a head: where the model is now (it was not moved with it)
+                original = original.to(device=next(model.get_submodule(name).parameters()).device, dtype=dtype)
+            set_submodule(model, name, original)
+        restore_transformer_fast_paths(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+        self._unloaded = True
+        self._replaced = {}
+        return model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), as PEFT counts them."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        """Prints `trainable params: ... || all params: ... || trainable%: ...`, in PEFT's wording."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def __repr__(self) -> str:
+        c = self.ensemble_config
+        patterns = sorted(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".*", n) for n in self.target_names))
+        targets = f"{len(self.target_names)} modules {patterns}"
+        return (f"LoraEnsemble(num_members={c.num_members}, r={c.r}, scaling={c.scaling:g}, targets={targets}, "
+                f"head={self.head_names}, share_trunk={c.share_trunk}, model={type(self.model).__name__})")
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -162,7 +238,7 @@ class LoraEnsemble(nn.Module):
         os.makedirs(path, exist_ok=True)
         tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.member_parameters().items()}
         atomic_write_bytes(os.path.join(path, WEIGHTS_NAME), safetensors_save(tensors, {"format": "pt"}))
-        meta = {"format_version": FORMAT_VERSION, "config": self.config.to_dict(), "base_model": self.base_fingerprint}
+        meta = {"format_version": FORMAT_VERSION, "config": self.ensemble_config.to_dict(), "base_model": self.base_fingerprint}
         atomic_write_bytes(os.path.join(path, CONFIG_NAME), json.dumps(meta, indent=2, sort_keys=True).encode())
 
     @classmethod
@@ -191,6 +267,39 @@ class LoraEnsemble(nn.Module):
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[n])
+
+
+class MemberOutput(dict):
+    """What `ens(..., return_dict=True)` returns for a model whose output has no fields of its own (a tensor,
+    a tuple): `logits` (M, B, ...) and, with labels, `loss`, as keys and as attributes (a dict, as Hugging
+    Face's ModelOutput, so `Trainer` reads `outputs["loss"]`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self:
+            return self[name]
+        if name in ("loss", "logits"):
+            return None
+        raise AttributeError(f"MemberOutput has no field {name!r}; it holds {list(self)}")
+
+
+def with_member_logits(output: Any, member_logits: Tensor, loss: Tensor | None) -> Any:
+    """`output` (the model's own output object) with `logits` = member_logits (M, B, ...) and `loss` set: the
+    same class rebuilt for a dataclass output (Hugging Face's ModelOutput keeps its field order), a copy for
+    a mapping, a MemberOutput for a tensor or tuple."""
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        fields = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
+        if "logits" in fields and (loss is None or "loss" in fields):
+            fields["logits"] = member_logits
+            if loss is not None:
+                fields["loss"] = loss
+            return type(output)(**fields)
+    if isinstance(output, Mapping) and "logits" in output:
+        result = dict(output)
+        result["logits"] = member_logits
+        if loss is not None:
+            result = {"loss": loss, **result}
+        return type(output)(result) if isinstance(output, dict) and type(output) is not dict else result
+    return MemberOutput(**({"loss": loss} if loss is not None else {}), logits=member_logits)
 
 
 # ---- module surgery --------------------------------------------------------------------------------
@@ -259,6 +368,21 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     parent._modules[child] = module
+
+
+def standalone_member(model: nn.Module, head_names: list[str], num_members: int, m: int) -> nn.Module:
+    """A copy of `model` (which holds member-aware modules) with member m alone: its heads (`member_head`, in
+    the frozen weights' dtype) and every other member-aware module replaced by `member_module(m)`."""
+    if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m < num_members:
+        raise IndexError(f"member index must be an integer in 0..{num_members - 1}, got {m!r}")
+    standalone = copy.deepcopy(model)
+    dtype = frozen_dtype(standalone)
+    with torch.no_grad(), _no_autocast():  # merge in the parameters' own precision, whatever the caller's
+        for name in head_names:
+            set_submodule(standalone, name, member_head(standalone.get_submodule(name), m, dtype))
+        _merge_adapters(standalone, m)
+    standalone.requires_grad_(True)
+    return standalone
 
 
 def _merge_adapters(module: nn.Module, m: int) -> None:

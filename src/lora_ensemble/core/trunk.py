@@ -9,15 +9,17 @@ During training `TrunkCache` (trunk_cache.py) keeps the trunk's output per train
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from typing import Any
 
-from lora_ensemble.core.batch import RowContract, output_tensor, repeat_batch
+from torch import nn
+
+from lora_ensemble.core.batch import RowContract, repeat_batch
 
 
 def shared_trunk_forward(model: nn.Module, trunk_end: list[str], num_members: int, batch_size: int, args: tuple,
-                         kwargs: dict, contract: RowContract) -> Tensor:
-    """The model's prediction tensor (M*B, ...) for inputs of B rows, repeated member-major by forward pre-hooks
-    on every block of `trunk_end` (the first adapted block and all blocks after it); tensors that already have
+                         kwargs: dict, contract: RowContract) -> Any:
+    """The model's output (its prediction tensor has M*B rows) for inputs of B rows, repeated member-major by
+    forward pre-hooks on every block of `trunk_end` (the first adapted block and all blocks after it); tensors that already have
     M*B rows, or any leading dimension but B, pass those hooks unchanged. Every tensor a hook repeats is marked
     on `contract` as a repeat of its B rows (the explicit repeat point the adapted layers share work at)."""
     reached = []
@@ -32,7 +34,7 @@ def shared_trunk_forward(model: nn.Module, trunk_end: list[str], num_members: in
     not_called = ValueError(f"share_trunk: the model never called its block {trunk_end[0]!r} as a module, so the "
                             "batch could not be repeated there; use share_trunk=False")
     try:
-        output = output_tensor(model(*args, **kwargs))
+        output = model(*args, **kwargs)
     except ValueError as e:  # e.g. an adapted layer that received B rows: say why
         if reached:
             raise

@@ -118,7 +118,7 @@ def _number(x: float) -> int | float:
 
 
 def _export_config(ens: Any, layers: dict[str, nn.Module]) -> dict[str, Any]:
-    cfg: LoraEnsembleConfig = ens.config
+    cfg: LoraEnsembleConfig = ens.ensemble_config
     r, s = cfg.r, cfg.scaling
     with_out = [n for n, l in layers.items()
                 if isinstance(l, LoraEnsembleMultiheadAttention) and isinstance(l.out_proj, LoraEnsembleLinear)]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lora_ensemble.core.batch import RowContract, run_members
 from lora_ensemble.core.config import LoraEnsembleConfig
-from lora_ensemble.core.ensemble import bind_member_modules, set_submodule
+from lora_ensemble.core.ensemble import bind_member_modules, set_submodule, standalone_member
 from lora_ensemble.core.heads import stack_head
 from lora_ensemble.core.layers import FAST_WEIGHT_INITS, BatchEnsembleLinear
 from lora_ensemble.core.targets import find_heads, find_targets
@@ -61,6 +61,11 @@ class BatchEnsemble(nn.Module):
         self.target_names, self.head_names = [t.name for t in targets], heads
         self.row_contract = RowContract(num_members)
         bind_member_modules(model, self.row_contract)
+
+    def member(self, m: int) -> nn.Module:
+        """A standalone model of the wrapped model's class with member m's fast weights folded into its weights
+        (W * s_m r_m^T, bias b_m) and member m's head; `be.member(m)(x)` equals `be(x)[m]` to float tolerance."""
+        return standalone_member(self.model, self.head_names, self.num_members, m)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """Inputs as for `model` (batch B); output (M, B, ...)."""
