@@ -135,6 +135,14 @@ def run_with_blocked(code: str, blocked: tuple[str, ...]) -> subprocess.Complete
         sys.meta_path.insert(0, Block())
         _find_spec = importlib.util.find_spec
         importlib.util.find_spec = lambda name, *a: None if name.split(".")[0] in BLOCKED else _find_spec(name, *a)
+        import importlib.metadata as md  # packages that ask for a distribution's version first see none
+        _distribution = md.distribution
+        def distribution(name):
+            if name.replace("-", "_") in BLOCKED:
+                raise md.PackageNotFoundError(name)
+            return _distribution(name)
+        md.distribution = distribution
+        md.version = lambda name: distribution(name).version
     """)
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
                           cwd=PACKAGE.parent, timeout=300)
@@ -164,3 +172,14 @@ def test_a_feature_without_its_extra_is_one_error_naming_the_extra(module, missi
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError:") and f"pip install 'lora-ensemble[{extra}]'" in last, proc.stderr
+
+
+def test_the_command_line_runs_without_transformers():
+    """A user of timm / torchvision / plain PyTorch models has no transformers: the commands (which all run
+    inside `quiet`) must not need it."""
+    proc = run_with_blocked("""
+        from lora_ensemble.app.cli import quiet
+        with quiet(verbose=False):
+            print("ran")
+    """, ("transformers",))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ran", proc.stderr

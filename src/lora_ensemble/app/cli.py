@@ -55,25 +55,31 @@ def quiet(verbose: bool) -> Iterator[None]:
         yield
         return
     import lightning  # noqa: F401  (sets its own logger level when imported: import it first)
-    import transformers
 
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # installed without transformers (no `demo` / `llm` extra): nothing of it to quiet
+        hf_logging = None
     loggers = {name: logging.getLogger(name) for name in NOISY}
     levels = {name: logger.level for name, logger in loggers.items()}
-    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    if hf_logging is not None:
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"(%s)(\.|$)" % "|".join(n.replace(".", r"\.") for n in NOISY))
         for logger in loggers.values():
             logger.setLevel(logging.ERROR)
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()  # "Loading weights: 100%|..."
+        if hf_logging is not None:
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()  # "Loading weights: 100%|..."
         try:
             yield
         finally:
             for name, logger in loggers.items():
                 logger.setLevel(levels[name])
-            transformers.logging.set_verbosity(verbosity)
-            if bars:
-                transformers.logging.enable_progress_bar()
+            if hf_logging is not None:
+                hf_logging.set_verbosity(verbosity)
+                if bars:
+                    hf_logging.enable_progress_bar()
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
