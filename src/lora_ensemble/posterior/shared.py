@@ -1,0 +1,72 @@
+"""An ensemble with any number of members on the frozen backbone of an existing `LoraEnsemble`.
+
+`LoraEnsemble(model, ...)` rebuilds `model` in place, so a second ensemble cannot be built on the model an
+ensemble already wraps. `ensemble_like(ens, N)` builds it on a *shallow twin* of that model instead:
+
+    twin = copy.deepcopy(ens.model, memo)      memo maps every frozen parameter and buffer of ens.model to
+                                               itself, and every adapted module / per-member head of ens.model
+                                               to a (shared-weight) copy of the module it replaced
+    LoraEnsemble(twin, ens.ensemble_config.replace(num_members=N))
+
+The twin has new module objects (its own train/eval mode, its own adapters) but holds the very same frozen
+tensors as `ens.model` (same `data_ptr`): the frozen weights stay one copy, and only the N members' adapters
+and heads are new memory. `ens` itself is not touched. The twin's base fingerprint equals `ens`'s, so
+everything downstream (`save_pretrained`, `member()`, `export_peft`) sees the same base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+
+from lora_ensemble.core.ensemble import LoraEnsemble
+
+
+def frozen_tensors(ens: LoraEnsemble) -> list[torch.Tensor]:
+    """Every parameter and buffer of `ens.model` that is not a per-member (trainable) parameter."""
+    member = {id(p) for p in ens.member_parameters().values()}
+    seen, result = set(), []
+    for t in itertools.chain(ens.model.parameters(), ens.model.buffers()):
+        if id(t) not in member and id(t) not in seen:
+            seen.add(id(t))
+            result.append(t)
+    return result
+
+
+def ensemble_like(ens: LoraEnsemble, num_members: int) -> LoraEnsemble:
+    """A new `LoraEnsemble` with `num_members` members (freshly initialised, on the devices and dtypes of
+    `ens`'s members) on the frozen tensors of `ens` (shared, not copied); `ens` is left as it was."""
+    if not isinstance(ens, LoraEnsemble):
+        raise TypeError(f"ensemble_like needs a LoraEnsemble, got {type(ens).__name__}")
+    if getattr(ens, "_unloaded", False):
+        raise RuntimeError("this LoraEnsemble was unloaded; there is no backbone to share")
+    memo: dict[int, object] = {id(t): t for t in frozen_tensors(ens)}
+    for original in ens._replaced.values():  # the original heads' tensors: frozen, shared as well
+        for t in itertools.chain(original.parameters(), original.buffers()):
+            memo.setdefault(id(t), t)
+    for name, original in ens._replaced.items():
+        memo[id(ens.model.get_submodule(name))] = copy.deepcopy(original, memo)
+    twin = copy.deepcopy(ens.model, memo)
+    sampled = LoraEnsemble(twin, ens.ensemble_config.replace(num_members=num_members))
+    sampled._requires_grad = dict(ens._requires_grad)  # unload() gives back what the user's model had
+    if "return_dict" in vars(ens):
+        sampled.return_dict = ens.return_dict
+    reference = ens.member_parameters()
+    with torch.no_grad():
+        for name, p in sampled.member_parameters().items():
+            ref = reference[name]
+            if p.device != ref.device or p.dtype != ref.dtype:
+                p.data = p.data.to(device=ref.device, dtype=ref.dtype)
+    sampled.train(ens.training)
+    return sampled
+
+
+def shares_backbone(a: LoraEnsemble, b: LoraEnsemble) -> bool:
+    """Whether every frozen tensor of `b` is a frozen tensor of `a` (same storage)."""
+    ptrs = {t.data_ptr() for t in frozen_tensors(a)}
+    return all(t.data_ptr() in ptrs for t in frozen_tensors(b) if t.numel())
+
+
+__all__ = ["ensemble_like", "frozen_tensors", "shares_backbone"]
