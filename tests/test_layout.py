@@ -17,13 +17,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lora_ensemble"
 # lora_ensemble/__init__.py, which re-exports core, interop, losses and posterior)
 RANKS = {"": 2, "extras": 0, "io": 0, "losses": 0, "core": 1, "metrics": 1, "interop": 2, "methods": 2, "posterior": 2,
          "lightning": 3,
-         "app": 4}
+         "app": 4, "analysis": 2}
 # third-party packages each part may import (anywhere in its files, at module level or inside functions)
 THIRD_PARTY = {
     "extras": set(), "io": {"torch", "safetensors", "huggingface_hub"}, "core": {"torch", "safetensors"}, "losses": {"torch"},
     "metrics": {"torch", "numpy", "torchmetrics"}, "interop": {"torch", "safetensors"}, "methods": {"torch"},
     "posterior": {"torch", "safetensors"},
-    "lightning": {"torch", "numpy", "lightning"},
+    "lightning": {"torch", "numpy", "lightning"}, "analysis": {"torch", "numpy"},
     "app": {"torch", "numpy", "lightning", "yaml", "matplotlib", "safetensors", "transformers", "timm", "torchvision",
             "PIL", "peft", "scipy", "datasets", "optuna"},
 }

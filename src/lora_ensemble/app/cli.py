@@ -4,6 +4,7 @@
     lora-ensemble fit --config X.yaml        train one run (Lightning; --resume, multi-device flags)
     lora-ensemble evaluate --checkpoint RUN  test metrics (+ plots) of a finished run
     lora-ensemble predict --checkpoint RUN --input FILE   per-sample prediction and uncertainty
+    lora-ensemble analyze --checkpoint RUN   do the members reach different modes? (diversity, paths, CKA)
     lora-ensemble compare --config X.yaml --methods a,b --seeds 3
     lora-ensemble benchmark                  speed and memory against the limit and the peers
 
@@ -132,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", help="folder for reliability / risk-coverage / OOD figures")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values (e.g. data.*)")
 
+    p = sub.add_parser("analyze", parents=[common], help="diversity, mode connectivity and representation "
+                                                         "similarity of a finished run's members")
+    p.add_argument("--checkpoint", required=True, help="run folder written by `fit`")
+    p.add_argument("--split", default="test", choices=("test", "val", "train"), help="data split (default test)")
+    p.add_argument("--output", help="write the analysis JSON here (default <run>/analysis.json)")
+    p.add_argument("--plots", help="folder for the disagreement, plane, path and CKA figures")
+    p.add_argument("--control", help="weights.safetensors of an earlier snapshot of the same run: the "
+                                     "same-member path (the control)")
+    p.add_argument("--points", type=positive_int, default=11, help="grid points per path (default 11)")
+    p.add_argument("--max-pairs", type=positive_int, default=10, help="member pairs whose path is computed "
+                                                                      "(a sample when there are more; default 10)")
+    p.add_argument("--path-samples", type=positive_int, default=256, help="samples of the split the paths are "
+                                                                          "evaluated on (default 256)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values (e.g. data.*)")
+
     p = sub.add_parser("predict", parents=[common], help="per-sample prediction, probability and uncertainty")
     p.add_argument("--checkpoint", required=True, help="run folder written by `fit` (its data is not needed)")
     p.add_argument("--input", required=True, help="text: .txt (one per line), .csv (column 'text'), .jsonl; "
@@ -238,6 +254,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        raise ValueError(f"--plots {args.plots!r} is a file; name a folder for the figures")
+    if args.output and os.path.isdir(args.output):
+        raise ValueError(f"--output {args.output!r} is a folder; name the JSON file to write")
+    from lora_ensemble.app.analyze import check_run_folder
+
+    check_run_folder(args.checkpoint)
+    with quiet(args.verbose):
+        from lora_ensemble.app.analyze import run_analyze
+
+        run_analyze(args.checkpoint, args.split, args.plots, args.output, args.set, args.control, args.points,
+                    args.max_pairs, args.path_samples)
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from lora_ensemble.app.predict import check_output, predict_file
 
@@ -264,7 +296,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "compare": cmd_compare, "benchmark": cmd_benchmark}
+            "compare": cmd_compare, "benchmark": cmd_benchmark, "analyze": cmd_analyze}
 
 if __name__ == "__main__":
     sys.exit(main())
