@@ -57,7 +57,9 @@ def test_draws_match_the_swag_moments_and_are_reproducible_from_the_seed():
         snapshots.append({n: p.detach().double().clone() for n, p in ens.member_parameters().items()})
         post.collect()
     name = next(n for n in snapshots[0] if n.endswith("lora_A"))
-    theta = torch.stack([s[name][1].flatten() for s in snapshots])        # member 1, (5 snapshots, d)
+    other = next(n for n in snapshots[0] if n.endswith("lora_B"))           # another tensor of member 1
+    width = snapshots[0][name][1].numel()
+    theta = torch.stack([torch.cat([s[name][1].flatten(), s[other][1].flatten()]) for s in snapshots])  # (5, d)
     mean = theta.mean(0)
     diag = (theta ** 2).mean(0) - mean ** 2
     running = torch.stack([theta[: i + 1].mean(0) for i in range(5)])
@@ -65,23 +67,25 @@ def test_draws_match_the_swag_moments_and_are_reproducible_from_the_seed():
     cov = torch.diag(diag) / 2 + D.T @ D / (2 * (rank - 1))                # the covariance the issue names
 
     K = 6000
-    draws = post.draw(range(K, 2 * K), K, seed=0)[name].double().flatten(1)  # member 1's draws (rows K..2K-1)
+    drawn = post.draw(range(K, 2 * K), K, seed=0)                         # member 1's draws (rows K..2K-1)
+    draws = torch.cat([drawn[name].double().flatten(1), drawn[other].double().flatten(1)], dim=1)
     emp_mean, emp_cov = draws.mean(0), torch.cov(draws.T)
     std = cov.diagonal().sqrt()
     assert torch.all((emp_mean - mean).abs() < 5 * std / math.sqrt(K))
     assert torch.allclose(emp_cov.diagonal(), cov.diagonal(), rtol=0.12)   # diagonal + low-rank variance
-    off = cov - torch.diag(cov.diagonal())
-    i, j = divmod(int(off.abs().argmax()), len(mean))        # the most strongly coupled pair
+    across = cov[:width, width:]                                           # entries of A against entries of B
+    i, j = divmod(int(across.abs().argmax()), across.shape[1])
+    j += width
     corr = cov[i, j] / (std[i] * std[j])
     emp_corr = emp_cov[i, j] / (emp_cov[i, i] * emp_cov[j, j]).sqrt()
-    assert abs(corr) > 0.2 and abs(emp_corr - corr) < 0.06                  # the low-rank part couples entries
+    assert abs(corr) > 0.2 and abs(emp_corr - corr) < 0.06                  # the low-rank part couples tensors
 
     again = post.draw(range(K, K + 5), K, seed=0)[name]
     assert torch.equal(again, post.draw(range(K, K + 5), K, seed=0)[name])
     assert not torch.equal(again, post.draw(range(K, K + 5), K, seed=1)[name])
     shape = snapshots[0][name][1].shape
     means = post.sample(2, scale=0.0).member_parameters()[name]              # scale 0: the running means
-    assert torch.equal(means[2:], mean.view(shape).expand(2, *shape).to(means.dtype))
+    assert torch.equal(means[2:], mean[:width].view(shape).expand(2, *shape).to(means.dtype))
 
 
 def test_draws_are_nested_in_k_and_a_new_seed_gives_other_members():
