@@ -27,6 +27,19 @@ TINY = {
 }
 
 
+def main_table(text):
+    """The rows of the results table (the one whose header starts with '| method |'), by method."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            rows[line.split("|")[1].strip()] = line
+    return rows
+
+
 @pytest.fixture()
 def tiny_config(tmp_path):
     path = tmp_path / "compare.yaml"
@@ -50,8 +63,11 @@ def test_compare_writes_table_csv_json_figures_and_run_folders(isolated):
     table = (out / "results.md").read_text()
     assert "| single |" in table and "| lora_ensemble |" in table and " ± " in table
     for title in ("acc", "ECE", "NLL", "Brier", "OOD AUROC", "AURC", "disagreement", "trainable params",
-                  "params in memory", "train s", "infer ms/sample", "peak MB"):
-        assert f" {title}" in table.splitlines()[4]
+                  "params in memory", "train s", "infer ms/sample", "peak MB", "epochs"):
+        assert f" {title}" in main_table(table)["method"]
+    assert "95 % Student-t interval" in table
+    assert "| lora_ensemble - method | NLL | ECE | Brier |" in table  # the paired bootstrap, vs lora_ensemble
+    assert set(summary["paired"]) == {"single"} and set(summary["paired"]["single"]) == {"nll", "ece", "brier"}
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["method"] for r in rows] == ["single", "lora_ensemble"] and all(r["seeds_ok"] == "2" for r in rows)
     saved = json.loads((out / "results.json").read_text())
@@ -62,7 +78,7 @@ def test_compare_writes_table_csv_json_figures_and_run_folders(isolated):
         assert [r["seed"] for r in runs] == [0, 1] and all(r["status"] == "ok" for r in runs)
         assert runs[0]["results"]["metrics"]["acc"] == summary["runs"][method][0]["results"]["metrics"]["acc"]
         assert runs[0]["peak_memory_bytes"] > runs[0]["baseline_rss_bytes"] > 0  # measured in the run's own process
-        assert set(saved["aggregate"][method]["acc"]) == {"mean", "std", "n"}
+        assert set(saved["aggregate"][method]["acc"]) == {"mean", "std", "ci95", "n"}
         for seed in (0, 1):
             folder = out / method / f"seed{seed}"
             for name in ("results.json", "run_config.yaml", "test_outputs.safetensors", "compare_run.json", "log.txt"):
@@ -71,7 +87,8 @@ def test_compare_writes_table_csv_json_figures_and_run_folders(isolated):
     assert saved["runs"]["single"][0]["config"]["method"] == {"name": "single", "num_members": 2}  # LoRA options dropped
     assert saved["runs"]["lora_ensemble"][1]["config"]["seed"] == 1
     assert {os.path.basename(p) for p in saved["figures"]} >= {"risk_coverage.png", "reliability_single.png",
-                                                                "reliability_lora_ensemble.png"}
+                                                                "reliability_lora_ensemble.png", "reliability_all.png",
+                                                                "nll_vs_train_time.png", "nll_vs_memory.png"}
 
 
 def test_every_method_runs_and_failures_show_their_error_in_their_row(tiny_config, tmp_path):
@@ -81,8 +98,7 @@ def test_every_method_runs_and_failures_show_their_error_in_their_row(tiny_confi
         "compare.snapshot.training.precision=no-such-precision",                                     # fails in fit
     ])
     assert summary["methods"] == list(METHODS)
-    table = (out / "results.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    rows = main_table((out / "results.md").read_text())
     assert set(rows) == {"method", *METHODS}
     assert "failed: method: mc_dropout needs dropout" in rows["mc_dropout"]
     assert "failed: " in rows["snapshot"] and "no-such-precision" in rows["snapshot"]
@@ -111,6 +127,7 @@ def test_a_failed_seed_gets_its_own_row_beside_the_mean_of_the_others():
 
     failed = {"status": "failed", "error": "RuntimeError: out | of memory"}
     rows = compare.table_rows({"explicit": [ok(0.8), failed, ok(0.9)]})
-    assert rows["explicit"]["acc"] == pytest.approx((0.85, 0.0707), abs=1e-4)  # mean, sample std
+    # mean, half-width of the 95 % t-interval: t_{0.975, 1} * s / sqrt(2) = 12.706 * 0.0707 / 1.414
+    assert rows["explicit"]["acc"] == pytest.approx((0.85, 12.706 * 0.05), abs=1e-4)
     assert rows["explicit"]["train_time_s"] == 2.0 and rows["explicit"]["seeds"] == "2/3"
     assert rows["explicit (seed1)"] == {"error": "RuntimeError: out \\| of memory"}  # escaped for Markdown

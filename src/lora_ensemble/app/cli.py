@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "figures (default: %(default)s)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override base config values, "
                                                                             "e.g. training.epochs=1")
+    p.add_argument("--trials", type=int, default=None, help="tuning trials per method (default: the config's "
+                                                            "tuning.trials; 0: no tuning stage)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL shared by several processes or machines, "
+                                                   "e.g. postgresql://user@host/db (default: sqlite in --output-dir)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="tuning trials run at a time, each in its own "
+                                                                "process (default 1)")
 
     p = sub.add_parser("benchmark", help="speed and memory of LoRA-Ensemble vs. the limit and the peers")
     try:
@@ -284,7 +290,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from lora_ensemble.app.compare import run_compare
 
         methods = args.methods.split(",") if args.methods else None
-        run_compare(args.config, methods, args.seeds, args.output_dir, overrides=args.set)
+        run_compare(args.config, methods, args.seeds, args.output_dir, overrides=args.set, trials=args.trials,
+                    storage=args.storage, jobs=args.jobs)
     return 0
 
 

@@ -147,6 +147,47 @@ def member_bars(member_logits: Any, labels: Any, path: str | os.PathLike, title:
     return _save(fig, path)
 
 
+def reliability_grid(runs: Mapping[str, tuple[Any, Any]], path: str | os.PathLike, n_bins: int = 15) -> Path:
+    """The reliability diagrams of several methods side by side on shared axes: ``runs[name] = (probs (N, C),
+    labels (N,))``. Per panel: accuracy per confidence bin (bars), mean confidence per bin (red line), the
+    diagonal, the ECE in the title and the bin counts as the bars' shade (darker = more samples)."""
+    if not runs:
+        raise ValueError("runs is empty; pass {name: (probs, labels)} with at least one method")
+    fig, axes = _new_figure(ncols=len(runs), width=3.0, height=3.4)
+    axes = np.atleast_1d(axes)
+    for ax, (name, (probs, labels)) in zip(axes, runs.items()):
+        bins = metrics.calibration_bins(probs, labels, n_bins)
+        ece = metrics.expected_calibration_error(probs, labels, n_bins)
+        lower, width = bins.lower.cpu().numpy(), (bins.upper - bins.lower).cpu().numpy()
+        count, acc, conf = bins.count.cpu().numpy(), bins.accuracy.cpu().numpy(), bins.confidence.cpu().numpy()
+        filled = count > 0
+        shade = 0.25 + 0.75 * count[filled] / max(1.0, float(count.max()))
+        ax.bar(lower[filled], acc[filled], width=width[filled], align="edge", edgecolor="black",
+               color=[(0.12, 0.47, 0.71, a) for a in shade], zorder=2)
+        ax.hlines(conf[filled], lower[filled], (lower + width)[filled], colors="tab:red", linewidth=2.0, zorder=3)
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{name}\nECE {ece:.3f}")
+    axes[0].set_ylabel("accuracy (bars); red: mean confidence")
+    return _save(fig, path)
+
+
+def cost_plot(points: Mapping[str, tuple[float, float | None, float, float | None]], path: str | os.PathLike,
+              xlabel: str, ylabel: str, title: str | None = None) -> Path:
+    """One point per method with its error bars: ``points[name] = (x mean, x half-width, y mean, y half-width)``
+    (half-widths of 95 % intervals; None: no bar), e.g. test NLL against training time or peak memory."""
+    if not points:
+        raise ValueError("points is empty; pass {name: (x, x_err, y, y_err)} with at least one method")
+    fig, ax = _new_figure(width=6.0)
+    for name, (x, x_err, y, y_err) in points.items():
+        ax.errorbar([x], [y], xerr=None if x_err is None else [x_err], yerr=None if y_err is None else [y_err],
+                    fmt="o", capsize=4, label=name)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title or f"{ylabel} against {xlabel} (mean ± 95 % interval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().cpu().numpy()

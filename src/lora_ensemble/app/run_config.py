@@ -35,6 +35,7 @@ class ModelConfig:
     max_length: int = 128              # text: tokens per input
     image_size: int | None = None      # images: resize side; None = the model's own
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model constructor
+    head: str | None = None            # decoder LLMs ('smollm2'): 'classifier' (default) or 'verbalizer' (app/llm.py)
 
 
 @dataclass
@@ -49,12 +50,16 @@ class DataConfig:
     batch_size: int = 16
     eval_batch_size: int | None = None
     num_workers: int = 0
+    prompt: str | None = None          # decoder LLMs: the prompt template, {text} and {choices} (app/data/prompts.py)
     options: dict = field(default_factory=dict)
 
 
 @dataclass
 class TrainingConfig:
     epochs: int = 3
+    max_epochs: int | None = None      # the epoch budget of a run trained to convergence (replaces `epochs` when set)
+    early_stopping_patience: int | None = None  # stop after this many epochs without a lower val/nll; the best
+    #                                    validation epoch's weights are restored before testing (needs val every epoch)
     max_steps: int = -1
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -73,6 +78,11 @@ class TrainingConfig:
     temperature_scaling: bool = False
     checkpoint_every_n_steps: int = 100  # checkpoints/last.ckpt also every n optimizer steps (0: only at epoch ends)
     progress_bar: bool = True
+
+    @property
+    def epoch_budget(self) -> int:
+        """The most epochs a run trains: `max_epochs` when set, else `epochs`."""
+        return self.max_epochs if self.max_epochs is not None else self.epochs
 
 
 @dataclass
@@ -163,7 +173,15 @@ def parse_run_config(data: Any) -> RunConfig:
     t = cfg.training
     if t.loss_reduction not in ("mean", "sum"):
         raise ConfigError(f"training.loss_reduction: expected 'mean' or 'sum', got {t.loss_reduction!r}")
-    if t.epochs < 1 and t.max_steps < 1:
+    if t.max_epochs is not None and t.max_epochs < 1:
+        raise ConfigError(f"training.max_epochs must be >= 1, got {t.max_epochs}")
+    if t.early_stopping_patience is not None:
+        if t.early_stopping_patience < 1:
+            raise ConfigError(f"training.early_stopping_patience must be >= 1 (epochs), got {t.early_stopping_patience}")
+        if t.val_every_n_epochs != 1:
+            raise ConfigError("training.early_stopping_patience counts epochs and needs validation after every epoch "
+                              f"(training.val_every_n_epochs: 1), got val_every_n_epochs {t.val_every_n_epochs}")
+    if t.epoch_budget < 1 and t.max_steps < 1:
         raise ConfigError("training.epochs must be >= 1 (or set training.max_steps)")
     if t.checkpoint_every_n_steps < 0:
         raise ConfigError("training.checkpoint_every_n_steps must be >= 0 (0: a checkpoint only at the end of every "

@@ -35,7 +35,7 @@ from lora_ensemble.core.config import LoraEnsembleConfig
 from lora_ensemble.core.ensemble import LoraEnsemble
 from lora_ensemble.core.trunk_cache import TrunkCache
 from lora_ensemble.io import atomic_write_bytes
-from lora_ensemble.lightning.callbacks import EpochTimer, has_bar, progress_callbacks
+from lora_ensemble.lightning.callbacks import BestValidation, EpochTimer, has_bar, progress_callbacks
 from lora_ensemble.lightning.checkpointing import (
     CHECKPOINT,
     AtomicCheckpointIO,
@@ -52,6 +52,7 @@ from lora_ensemble.methods.lora import CONFIG_FIELDS as LORA_FIELDS
 from lora_ensemble.metrics import fit_temperature
 
 CONFIG_FILE = "run_config.yaml"
+VAL_MONITOR = "val/nll"  # what early stopping watches and the best epoch minimises
 WEIGHTS_FILE = os.path.join("model", "weights.safetensors")
 
 
@@ -129,7 +130,8 @@ def build_run(config: RunConfig, info: RunInfo | None = None, with_data: bool = 
             raise ConfigError(f"data: the data has class(es) {new or loaded.class_names} but the run was trained "
                               f"on {info.class_names}" + ("" if new else " (in this order)"))
         info = info or loaded
-    model, collate = build_model(config.model, info.num_classes, info.modality, info.sample_rate)
+    model, collate = build_model(config.model, info.num_classes, info.modality, info.sample_rate,
+                                 class_names=info.class_names, dataset=config.data.name, prompt=config.data.prompt)
     options = dict(config.method.options)
     if accepts_option(config.method.name, "seed"):
         options.setdefault("seed", config.seed)
@@ -156,11 +158,16 @@ def build_run(config: RunConfig, info: RunInfo | None = None, with_data: bool = 
 def make_trainer(config: RunConfig, run_dir: str | None, max_epochs: int | None = None) -> L.Trainer:
     t = config.training
     callbacks: list[L.Callback] = [EpochTimer(), *progress_callbacks(t.progress_bar)]  # bar or epoch lines
+    if t.early_stopping_patience is not None:  # budget by convergence: stop on val/nll, keep the best epoch
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        callbacks += [EarlyStopping(monitor=VAL_MONITOR, mode="min", patience=t.early_stopping_patience,
+                                    check_finite=True, verbose=False), BestValidation(VAL_MONITOR)]
     if run_dir is not None:  # checkpoints/last.ckpt every n steps, every epoch and on SIGTERM (checkpointing.py)
         callbacks.append(RunCheckpoint(os.path.join(run_dir, CHECKPOINT), t.checkpoint_every_n_steps,
-                                       epochs=t.epochs, max_steps=t.max_steps))
+                                       epochs=t.epoch_budget, max_steps=t.max_steps))
     return L.Trainer(
-        max_epochs=max_epochs or t.epochs, max_steps=t.max_steps, gradient_clip_val=t.grad_clip,
+        max_epochs=max_epochs or t.epoch_budget, max_steps=t.max_steps, gradient_clip_val=t.grad_clip,
         accumulate_grad_batches=t.accumulate_grad_batches, precision=t.precision, accelerator=t.accelerator,
         devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs") if run_dir else False,
@@ -176,14 +183,20 @@ def total_steps(config: RunConfig, train_size: int, world_size: int = 1) -> int:
     started with fewer epochs), so a resumed run follows the same learning-rate schedule."""
     t = config.training
     batches = math.ceil(math.ceil(train_size / world_size) / config.data.batch_size)
-    by_epochs = t.epochs * max(1, math.ceil(batches / t.accumulate_grad_batches))
+    by_epochs = t.epoch_budget * max(1, math.ceil(batches / t.accumulate_grad_batches))
     return min(t.max_steps, by_epochs) if t.max_steps > 0 else by_epochs  # Lightning stops at the first reached
 
 
 def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int | None = None,
-        overwrite: bool = False) -> tuple[dict[str, Any], Run]:
+        overwrite: bool = False, evaluate_test: bool = True) -> tuple[dict[str, Any], Run]:
     """Train, evaluate on the test (and OOD) split, write the run folder; returns (results.json's content,
     the Run with the trained module).
+
+    With `training.early_stopping_patience`, training stops once val/nll has not improved for that many
+    epochs (or at `training.max_epochs`), and the weights of the epoch with the lowest val/nll are put back
+    before calibration and testing; results.json then has `epochs_run`, `best_epoch`, `best_val_nll` and
+    `val_nll_history` (one value per epoch). `evaluate_test=False` (a tuning trial) builds no test or OOD
+    loader at all: results hold the validation metrics only (`val_metrics`, `best_val_nll`).
 
     Everything (config, data, model, method, trainer settings) is validated before anything is written, so a
     failing call leaves run_dir as it was. `overwrite` then removes what an earlier run wrote there (results,
@@ -224,11 +237,28 @@ def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int |
         trainer.fit(run.module, train_loader, run.loader("val", world_size=ws, rank=rank),
                     ckpt_path=last if resume else None)
         segments = checkpoints.segments_s()  # training time of every segment, this one up to now
+        best = next((c for c in trainer.callbacks if isinstance(c, BestValidation)), None)
+        if best is not None:
+            best.restore(run.module)  # the best validation epoch's weights, before anything is evaluated
         if config.training.temperature_scaling:
             calibrate(run, trainer)
-        results = test(run, trainer)
+        if evaluate_test:
+            results = test(run, trainer)
+        else:
+            last = {f"val/{k}": v for k, v in run.module.last_metrics.get("val", {}).items() if not isinstance(v, list)}
+            results = {"val_metrics": best.best_metrics if best is not None and best.best_metrics else last}
     except SIGTERMException:  # Lightning stops at the end of the batch; RunCheckpoint has written the checkpoint
         raise TrainingStopped(checkpoints.stop_message() if trainer.is_global_zero else 1) from None  # one line
+    timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
+    last_val = run.module.last_metrics.get("val", {}).get("nll")
+    results.update(epochs_run=len(timer.epoch_times_s), best_epoch=best.best_epoch if best else None,
+                   best_val_nll=best.best if best and best.best is not None else last_val,
+                   val_nll_history=best.history if best else None)
+    if not evaluate_test:
+        results.update(train_time_s=sum(segments), train_epoch_times_s=timer.epoch_times_s)
+        if trainer.is_global_zero:
+            atomic_write_bytes(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2).encode())
+        return results, run
     from lora_ensemble.app.diagnostics import (
         collapse_warning,  # one line on stderr when the predictions are all one class
     )
@@ -236,7 +266,6 @@ def fit(config: RunConfig, run_dir: str, resume: bool = False, max_epochs: int |
     logits, labels, _ = run.module.last_outputs["test"]
     results["prediction_collapse"] = collapse_warning(logits, labels, run.splits.class_names,
                                                       warn=trainer.is_global_zero)
-    timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
     results.update(train_time_s=sum(segments), train_segments_s=segments, train_epoch_times_s=timer.epoch_times_s,
                    **parameter_counts(run.module.method))
     cache = run.module.trunk_cache

@@ -102,3 +102,52 @@ class EpochTimer(L.Callback):
         # Lightning does not call on_train_epoch_start for an epoch resumed in the middle
         now = time.perf_counter()
         self._start, self._last = now - self._resumed_s, now
+
+
+class BestValidation(L.Callback):
+    """Keeps the trainable state (trainable parameters and buffers, `EnsembleModule.trainable_state`) of the
+    validation with the lowest `monitor` (val/nll by default) and puts it back with `restore`.
+
+    After every validation of training (sanity checks excluded) with value v_e at epoch e (1-based):
+        best = min_e v_e (the first epoch reaching it on ties), best_epoch = its e, history = [v_1, v_2, ...]
+    The copy lives on the CPU; `state_dict` carries it (with best, best_epoch and history), so a run resumed
+    from a checkpoint still restores the best epoch seen before the stop."""
+
+    def __init__(self, monitor: str = "val/nll") -> None:
+        self.monitor = monitor
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.history: list[float] = []
+        self.best_metrics: dict[str, float] = {}  # every val/* scalar of the best validation
+        self._state: dict[str, Any] | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":  # not a separate trainer.validate()
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        self.history.append(value)
+        if self.best is None or value < self.best:  # NaN never compares lower: a NaN epoch is never the best
+            self.best, self.best_epoch = value, trainer.current_epoch + 1
+            self.best_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            self._state = {k: v.detach().to("cpu", copy=True) for k, v in module.trainable_state().items()}
+
+    def restore(self, module: L.LightningModule) -> bool:
+        """Load the best epoch's state into `module`; False when no validation has run."""
+        if self._state is None:
+            return False
+        device = next(iter(module.parameters())).device
+        module.load_state_dict({k: v.to(device) for k, v in self._state.items()}, strict=False)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "history": list(self.history),
+                "best_metrics": dict(self.best_metrics), "state": self._state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch = state.get("best"), state.get("best_epoch")
+        self.history = list(state.get("history", []))
+        self.best_metrics = dict(state.get("best_metrics", {}))
+        self._state = state.get("state")

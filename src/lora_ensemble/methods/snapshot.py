@@ -1,15 +1,16 @@
 """`snapshot`: Snapshot Ensembles (Huang et al. 2017): one network, fully fine-tuned with a cyclic cosine learning
-rate of M cycles; the weights at the end of each cycle are the members.
+rate of C >= M cycles (`cycles`, default C = M); the weights at the end of each of the last M cycles are the
+members (Huang et al. also ensemble only the last snapshots when there are more cycles than members).
 
-Training of T steps (0-based step index t) is split into M cycles; cycle c covers steps [e_{c-1}, e_c) with
-e_c = floor((c + 1) T / M), e_{-1} = 0 (lengths differ by at most one step). Within a cycle of length L the
+Training of T steps (0-based step index t) is split into C cycles; cycle c covers steps [e_{c-1}, e_c) with
+e_c = floor((c + 1) T / C), e_{-1} = 0 (lengths differ by at most one step). Within a cycle of length L the
 learning rate multiplier is
 
     lr_lambda(t) = 0.5 * (1 + cos(pi * (t - e_{c-1}) / L))        (1 at the cycle's first step, ~0 at its last)
 
 After the optimizer step of the cycle's last step (t = e_c - 1), `on_train_batch_end` stores every trainable
-parameter as snapshot c: buffers `snapshots.<parameter name>` of shape (M, ...), plus `num_snapshots`, so
-checkpoints carry them. Eval:
+parameter as snapshot k = c - (C - M) when k >= 0 (the first C - M cycles only train): buffers
+`snapshots.<parameter name>` of shape (M, ...), plus `num_snapshots`, so checkpoints carry them. Eval:
 
     K = num_snapshots == M:   the M snapshots                               -> (M, B, C)
     K < M (training cut short, or evaluation during training):
@@ -35,10 +36,15 @@ from lora_ensemble.methods._stacked import StackedCall, single_output
 class SnapshotEnsemble(nn.Module):
     """One fully fine-tuned `model` plus M stored snapshots of its parameters."""
 
-    def __init__(self, model: nn.Module, num_members: int = 4, vectorize: bool | None = None):
+    def __init__(self, model: nn.Module, num_members: int = 4, vectorize: bool | None = None,
+                 cycles: int | None = None):
         super().__init__()
         check_num_members(num_members, "cycles")
+        if cycles is not None and (isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < num_members):
+            raise ValueError(f"cycles must be an integer >= num_members={num_members} (the last num_members cycle "
+                             f"ends are the members), got {cycles!r}")
         self.num_members = num_members
+        self.cycles = num_members if cycles is None else cycles
         self.model = model.requires_grad_(True)
         self.snapshots = nn.Module()
         for name, p in model.named_parameters():
@@ -66,24 +72,27 @@ class SnapshotEnsemble(nn.Module):
         return multiplier
 
     def on_train_batch_end(self, step: int, total_steps: int) -> None:
-        """After the optimizer step of 0-based step `step`: store snapshot c when `step` ends cycle c.
+        """After the optimizer step of 0-based step `step`: store snapshot c - (C - M) when `step` ends cycle c.
 
         `EnsembleModule` calls it once per optimizer step (not per micro-batch under gradient accumulation),
         with the same `step` whose learning rate `lr_lambda(step)` gave."""
         ends = self.cycle_ends(total_steps)
         if step + 1 in ends:
-            c = ends.index(step + 1)
+            c = ends.index(step + 1) - (self.cycles - self.num_members)  # the snapshot slot of this cycle's end
+            if c < 0:
+                return  # one of the first C - M cycles: trains only
             with torch.no_grad():
                 for name, p in self.model.named_parameters():
                     self.snapshots.get_buffer(name)[c].copy_(p.detach())
                 self.num_snapshots.fill_(max(int(self.num_snapshots), c + 1))
 
     def cycle_ends(self, total_steps: int) -> list[int]:
-        """e_c for c = 0..M-1: the number of steps done when cycle c ends."""
-        M = self.num_members
-        if not isinstance(total_steps, int) or total_steps < M:
-            raise ValueError(f"snapshot needs at least num_members={M} training steps (one per cycle), got {total_steps!r}")
-        return [(c + 1) * total_steps // M for c in range(M)]
+        """e_c for c = 0..C-1: the number of steps done when cycle c ends."""
+        C = self.cycles
+        if not isinstance(total_steps, int) or total_steps < C:
+            what = f"num_members={C}" if C == self.num_members else f"cycles={C}"
+            raise ValueError(f"snapshot needs at least {what} training steps (one per cycle), got {total_steps!r}")
+        return [(c + 1) * total_steps // C for c in range(C)]
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:

