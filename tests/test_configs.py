@@ -39,7 +39,7 @@ PAPER_RECIPES = {
 
 
 def test_configs_folder_holds_the_documented_recipes():
-    assert set(RUN_CONFIGS) == set(PAPER_RECIPES) | {"bbc_news_minilm.yaml"}
+    assert set(RUN_CONFIGS) == set(PAPER_RECIPES) | {"bbc_news_minilm.yaml", "smollm2_bbc_news.yaml"}
 
 
 @pytest.mark.parametrize("name", RUN_CONFIGS)

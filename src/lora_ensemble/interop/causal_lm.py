@@ -7,6 +7,14 @@ which `LoraEnsemble` replicates per member automatically:
     ens = LoraEnsemble(CausalLMClassifier(llama, num_labels=3), num_members=4)
     ens(input_ids=ids, attention_mask=mask)                     # (M, B, 3)
 
+Verbalizer: `CausalLMVerbalizer(causal_lm, answer_ids)` reads the class logits from the LM's own next-token
+logits at the last prompt position, one answer token per class (" A", " B", ..., see `answer_token_ids`); its LM
+head is frozen and shared by all members (not a `classifier`, so nothing is replicated), members differ by their
+adapters only:
+
+    ens = LoraEnsemble(CausalLMVerbalizer(llama, answer_token_ids(tokenizer, [" A", " B"])), num_members=4)
+    ens(input_ids=ids, attention_mask=mask)                     # (M, B, 2)
+
 Multiple choice: `choice_log_likelihoods(ens, input_ids, attention_mask, choice_mask)` scores every choice by
 its summed token log-likelihood under each member, (M, B, K), usable as member logits over the K choices.
 """
@@ -44,6 +52,74 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     return (attention_mask.bool() * (positions + 1)).argmax(dim=1)
 
 
+def pool_rows(h: Tensor, attention_mask: Tensor, pooling: str = "last") -> Tensor:
+    """(N, H) pooled hidden states of h (N, T, H) under attention_mask (B, T), N = B or N = M*B.
+
+    With a shared trunk (`LoraEnsembleConfig(share_trunk=True)`) the inputs keep their B rows while the hidden
+    states have M*B member-major rows (row m*B + b is member m's sample b): the mask's rows then serve every
+    member, `mask[row % B]`."""
+    N, B = h.shape[0], attention_mask.shape[0]
+    if N != B:
+        if N % B:
+            raise ValueError(f"{N} hidden-state rows do not split into members of the mask's {B} rows")
+        attention_mask = attention_mask.repeat(N // B, 1)                     # (M*B, T) member-major
+    if pooling == "last":
+        return h[torch.arange(N, device=h.device), last_token_index(attention_mask)]
+    w = attention_mask.to(h.dtype).unsqueeze(-1)                              # (N, T, 1)
+    return (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+
+def answer_token_ids(tokenizer: Any, answers: list[str]) -> list[int]:
+    """The one token id of every answer string (e.g. [" A", " B", " C", " D"]); ValueError naming an answer that
+    is not exactly one token, or two answers that share one."""
+    ids = []
+    for answer in answers:
+        pieces = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        if len(pieces) != 1:
+            shown = tokenizer.convert_ids_to_tokens(pieces) if hasattr(tokenizer, "convert_ids_to_tokens") else pieces
+            raise ValueError(f"answer {answer!r} is {len(pieces)} tokens {shown} for this tokenizer; the verbalizer "
+                             "needs exactly one token per class")
+        ids.append(int(pieces[0]))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"answers {answers} map to the token ids {ids}, which are not all different")
+    return ids
+
+
+class CausalLMVerbalizer(nn.Module):
+    """logits (B, C)[b, c] = lm_head(h[b, t_b])[answer_ids[c]], t_b the last non-padding position of row b:
+    the causal LM's next-token logit of class c's answer token after the prompt, its other logits unused.
+
+    Computed as h_last (B, H) @ W[answer_ids].T (+ bias[answer_ids]) with W the LM head's (V, H) weight, so the
+    (B, T, V) vocabulary logits are never formed. The LM head is kept as `lm_head` (excluded from adapters and
+    heads by `LoraEnsemble`), frozen and shared: members differ only by the adapters in `backbone`.
+    """
+
+    def __init__(self, causal_lm: nn.Module, answer_ids: list[int]):
+        super().__init__()
+        head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"{type(causal_lm).__name__} has no linear LM head (get_output_embeddings()); the "
+                             "verbalizer needs a causal LM")
+        answer_ids = [int(i) for i in answer_ids]
+        if not answer_ids or any(i < 0 or i >= head.out_features for i in answer_ids):
+            raise ValueError(f"answer_ids {answer_ids} must be token ids in [0, {head.out_features})")
+        self.backbone = _backbone_of(causal_lm)
+        self.lm_head = head
+        self.answer_ids = answer_ids          # a list, not a buffer: the state holds no copy of anything
+        self.num_labels = len(answer_ids)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        h = out if isinstance(out, Tensor) else out[0]                        # (N, T, H) last hidden state
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+        pooled = pool_rows(h, attention_mask, "last")                         # (N, H)
+        index = torch.tensor(self.answer_ids, device=pooled.device)
+        weight = self.lm_head.weight.index_select(0, index)                   # (C, H)
+        bias = self.lm_head.bias.index_select(0, index) if self.lm_head.bias is not None else None
+        return nn.functional.linear(pooled, weight, bias)                     # (N, C)
+
+
 class CausalLMClassifier(nn.Module):
     """logits (B, C) = classifier(pool(backbone(input_ids, attention_mask).last_hidden_state)).
 
@@ -70,12 +146,7 @@ class CausalLMClassifier(nn.Module):
         h = out if isinstance(out, Tensor) else out[0]                      # (B, T, H) last hidden state
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
-        if self.pooling == "last":
-            pooled = h[torch.arange(h.shape[0], device=h.device), last_token_index(attention_mask)]
-        else:
-            w = attention_mask.to(h.dtype).unsqueeze(-1)                    # (B, T, 1)
-            pooled = (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
-        return self.classifier(pooled)                                      # (B, C)
+        return self.classifier(pool_rows(h, attention_mask, self.pooling))  # (B, C); (M*B, C) with a shared trunk
 
 
 def choice_log_likelihoods(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, choice_mask: Tensor,

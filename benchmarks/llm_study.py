@@ -1,0 +1,164 @@
+"""LoRA-Ensemble on SmolLM2-135M (BBC News, letters protocol): the study of docs/llm.md (issue 17).
+
+Every run is the committed config configs/smollm2_bbc_news.yaml (verbalizer head, LoRA on q/v of the last 2
+layers with a shared trunk, 200 training articles, 64-token prompts, 'entertainment' as OOD):
+
+    zero_shot            the instruct model's letter probabilities as they come: no training (single_lora with its
+                         LoRA B = 0, so the outputs are exactly the frozen model's), test + OOD only
+    single_lora-seed<s>  one LoRA adapter (M = 1)                 lora-ensemble fit, method.name=single_lora
+    lora_ensemble-seed<s> LoRA-Ensemble, M = 4                    lora-ensemble fit (the config as committed)
+
+MC dropout is not run: SmolLM2 (Llama) has no dropout module and attention_dropout 0.0 (the mc_dropout method
+refuses such a backbone). Each run is its own process (`nice -n 5` is up to the caller); its peak resident memory
+(ru_maxrss of the child) and wall time are added to its results. Resumable: a run whose JSON exists is skipped,
+an interrupted fit continues from its checkpoint (--resume).
+
+    nohup nice -n 5 .venv/bin/python benchmarks/llm_study.py --seeds 0 1 2 > runs/llm_study.log 2>&1 &
+    .venv/bin/python benchmarks/llm_study.py --table         # the markdown table of what is measured
+
+Results: docs/llm/<run>.json (raw results.json of the run + peak_rss_bytes, wall_s, command); run folders in
+runs/llm_study/<run>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "smollm2_bbc_news.yaml"
+OUT = ROOT / "docs" / "llm"
+RUNS = ROOT / "runs" / "llm_study"
+METRICS = [("acc", "acc"), ("nll", "NLL"), ("ece", "ECE"), ("brier", "Brier"), ("ood/auroc_msp", "OOD AUROC (MSP)"),
+           ("ood/auroc_entropy", "OOD AUROC (entropy)"), ("ood/auroc_mi", "OOD AUROC (MI)")]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run_child(command: list[str], log: Path) -> tuple[int, int, float]:
+    """(return code, peak RSS in bytes, wall seconds) of `command` run as a child process."""
+    start = time.perf_counter()
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss * 1024, time.perf_counter() - start  # Linux: ru_maxrss in KiB
+
+
+def zero_shot_child(out: Path, extra: list[str]) -> None:
+    """Test + OOD metrics of the untrained single_lora verbalizer (= the frozen instruct model)."""
+    import torch
+
+    from lora_ensemble.app.run_config import load_run_config
+    from lora_ensemble.app.runner import build_run, make_trainer, test
+
+    config = load_run_config(CONFIG, ["method.name=single_lora", "training.progress_bar=false", *extra])
+    run = build_run(config)
+    assert all(torch.count_nonzero(p) == 0 for n, p in run.module.method.member_parameters().items()
+               if "lora_B" in n), "a zero-shot run needs LoRA B = 0"
+    results = test(run, make_trainer(config, None))
+    results["config_overrides"] = ["method.name=single_lora"]
+    out.write_text(json.dumps(results, indent=2))
+
+
+def jobs(seeds: list[int]) -> list[tuple[str, list[str]]]:
+    out = [("zero_shot", [])]
+    for s in seeds:
+        out += [(f"single_lora-seed{s}", [f"seed={s}", "method.name=single_lora"]),
+                (f"lora_ensemble-seed{s}", [f"seed={s}"])]
+    return out
+
+
+def run_job(name: str, overrides: list[str], extra: list[str]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    target, log = OUT / f"{name}.json", RUNS / f"{name}.log"
+    if target.is_file():
+        print(f"{name}: measured ({target.relative_to(ROOT)})", flush=True)
+        return
+    print(f"{name}: running ({time.strftime('%H:%M:%S')})", flush=True)
+    if name == "zero_shot":
+        raw = RUNS / "zero_shot.results.json"
+        command = [sys.executable, __file__, "--zero-shot-child", str(raw), *(["--set", *extra] if extra else [])]
+    else:
+        run_dir = RUNS / name
+        raw = run_dir / "results.json"
+        resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+        command = [sys.executable, "-m", "lora_ensemble.app.cli", "fit", "--config", str(CONFIG), "--output-dir",
+                   str(run_dir), "--resume" if resume else "--overwrite", "--set", *overrides,
+                   "training.progress_bar=false", *extra]
+    code, peak, wall = run_child(command, log)
+    if code != 0:
+        print(f"{name}: failed with exit code {code}; see {log}", flush=True)
+        return
+    results = json.loads(raw.read_text())
+    shown = [str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in command]
+    from lora_ensemble.app.run_config import load_run_config
+
+    config = load_run_config(CONFIG, extra)
+    results.update(steps_per_epoch=math.ceil(config.data.options["train_size"] / config.data.batch_size),
+                   peak_rss_bytes=peak, wall_s=wall, command=" ".join(["python", *shown[1:]]),
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=machine())
+    from lora_ensemble.io import atomic_write_bytes
+
+    atomic_write_bytes(target, (json.dumps(results, indent=2) + "\n").encode())
+    print(f"{name}: done in {wall:.0f} s, peak RSS {peak / 2**20:.0f} MiB", flush=True)
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} " \
+           f"({torch.get_num_threads()} threads), no GPU"
+
+
+def table() -> str:
+    rows = ["| run | " + " | ".join(label for _, label in METRICS)
+            + " | s / train step (epoch 1, epochs 2+) | s / test sample | peak RSS MiB |",
+            "|---|" + "---|" * (len(METRICS) + 3)]
+    for path in sorted(OUT.glob("*.json")):
+        r = json.loads(path.read_text())
+        m = r["metrics"]
+        cells = [f"{m[k]:.3f}" if k in m else "-" for k, _ in METRICS]
+        epochs = r.get("train_epoch_times_s") or []
+        steps = r.get("steps_per_epoch")
+        if epochs and steps:
+            later = sum(epochs[1:]) / max(1, len(epochs) - 1) / steps if len(epochs) > 1 else float("nan")
+            step = f"{epochs[0] / steps:.2f}, {later:.2f}"
+        else:
+            step = "-"
+        cells += [step, f"{r['inference_time_per_sample_s']:.3f}", f"{r['peak_rss_bytes'] / 2**20:.0f}"]
+        rows.append(f"| {path.stem} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    global OUT
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0])
+    p.add_argument("--table", action="store_true")
+    p.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run (a smoke test)")
+    p.add_argument("--out", default=str(OUT), help="folder of the result JSONs (default docs/llm)")
+    p.add_argument("--zero-shot-child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.zero_shot_child:
+        return zero_shot_child(Path(args.zero_shot_child), args.set)
+    OUT = Path(args.out).resolve()
+    if args.table:
+        return print(table())
+    for name, overrides in jobs(args.seeds):
+        run_job(name, overrides, args.set)
+
+
+if __name__ == "__main__":
+    main()
