@@ -147,3 +147,14 @@ def test_a_start_setting_outside_its_range_or_missing_a_parameter_is_refused(tmp
         config = write_config(tmp_path, tuning={"trials": 2, "start": {"lora_ensemble": start}})
         with pytest.raises(compare.ConfigError, match=message):
             run_compare(config, ["lora_ensemble"], seeds=1, output_dir=str(tmp_path / "out"), isolate=False)
+
+
+def test_jobs_need_isolated_runs_and_a_bad_storage_url_is_one_error_line(tmp_path, capsys):
+    config = write_config(tmp_path, tuning={"trials": 2})
+    with pytest.raises(compare.ConfigError, match="--jobs > 1 runs trials in worker processes"):
+        run_compare(config, ["lora_ensemble"], seeds=1, output_dir=str(tmp_path / "out"), isolate=False, jobs=2)
+    code = main(["compare", "--config", config, "--methods", "lora_ensemble", "--seeds", "1", "--output-dir",
+                 str(tmp_path / "out2"), "--storage", "nosuchdb://nowhere/x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --storage 'nosuchdb://nowhere/x': cannot open"), err
+    assert not (tmp_path / "out2" / "tuning").exists()  # no trial ran
