@@ -3,6 +3,7 @@
     lora-ensemble demo                       LoRA-Ensemble vs. single LoRA on the offline default
     lora-ensemble fit --config X.yaml        train one run (Lightning; --resume, multi-device flags)
     lora-ensemble evaluate --checkpoint RUN  test metrics (+ plots) of a finished run
+    lora-ensemble evaluate --checkpoint RUN --samples K   the same for K posterior draws per member
     lora-ensemble predict --checkpoint RUN --input FILE   per-sample prediction and uncertainty
     lora-ensemble analyze --checkpoint RUN   do the members reach different modes? (diversity, paths, CKA)
     lora-ensemble compare --config X.yaml --methods a,b --seeds 3
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the metrics JSON here (default <run>/evaluation.json)")
     p.add_argument("--plots", help="folder for reliability / risk-coverage / OOD figures")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values (e.g. data.*)")
+    p.add_argument("--samples", type=positive_int, metavar="K", help="evaluate K draws per member from the run's "
+                   "posterior (training.posterior) instead of the trained members (default <run>/evaluation_samples_K.json)")
 
     p = sub.add_parser("analyze", parents=[common], help="diversity, mode connectivity and representation "
                                                          "similarity of a finished run's members")
@@ -154,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "images/audio: a file, a folder, or a .txt list of paths")
     p.add_argument("--output", help="output file (.csv or .jsonl); default: print JSON lines")
     p.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")
+    p.add_argument("--samples", type=positive_int, metavar="K", help="predict with K draws per member from the "
+                   "run's posterior (training.posterior) instead of the trained members")
 
     p = sub.add_parser("compare", parents=[common], help="train several methods with the same data, budget and seeds")
     p.add_argument("--config", required=True, help="YAML run config, optionally with a compare: section of "
@@ -250,12 +255,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from lora_ensemble.io import atomic_write_bytes
 
         run = load_run(args.checkpoint, args.set)
-        results = test(run, make_trainer(run.config, None))
-        out = args.output or os.path.join(args.checkpoint, "evaluation.json")
+        name, drawn = run.config.method.name, {}
+        if args.samples is not None:  # the trained ensemble replaced by K draws per member (app/posterior.py)
+            from lora_ensemble.app.posterior import use_posterior_samples
+
+            drawn = use_posterior_samples(run, args.checkpoint, args.samples)
+            name = f"{name}+{drawn['posterior']} x{args.samples}"
+        results = {**test(run, make_trainer(run.config, None)), **drawn}
+        default = f"evaluation_samples_{args.samples}.json" if args.samples is not None else "evaluation.json"
+        out = args.output or os.path.join(args.checkpoint, default)
         atomic_write_bytes(out, json.dumps(results, indent=2).encode())
-        print(markdown_table({run.config.method.name: flat_row(results)}))
+        print(markdown_table({name: flat_row(results)}))
         if args.plots:
-            write_figures({run.config.method.name: run.module.last_outputs["test"]}, args.plots)
+            write_figures({name: run.module.last_outputs["test"]}, args.plots)
     print(f"wrote {out}")
     return 0
 
@@ -281,7 +293,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     check_output(args.output)
     with quiet(args.verbose):
-        predict_file(args.checkpoint, args.input, args.output, batch_size=args.batch_size)
+        predict_file(args.checkpoint, args.input, args.output, batch_size=args.batch_size, samples=args.samples)
     return 0
 
 

@@ -106,13 +106,18 @@ def check_output(output: str | None) -> None:
         raise ConfigError(f"--output {output!r}: unknown extension; use .csv (a table) or .jsonl (JSON lines)")
 
 
-def predict_file(checkpoint: str, input_path: str, output: str | None, batch_size: int = 32) -> list[dict[str, Any]]:
+def predict_file(checkpoint: str, input_path: str, output: str | None, batch_size: int = 32,
+                 samples: int | None = None) -> list[dict[str, Any]]:
     from lora_ensemble.app.runner import load_run
 
     check_output(output)
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     run = load_run(checkpoint, with_data=False)
+    if samples is not None:  # K draws per member from the run's posterior (training.posterior)
+        from lora_ensemble.app.posterior import use_posterior_samples
+
+        use_posterior_samples(run, checkpoint, samples)
     items = read_inputs(input_path, run.info.modality, run.info.sample_rate)
     if not items:
         raise ConfigError(f"--input {input_path!r} holds no {run.info.modality} inputs")

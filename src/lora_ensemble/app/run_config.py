@@ -78,6 +78,8 @@ class TrainingConfig:
     temperature_scaling: bool = False
     checkpoint_every_n_steps: int = 100  # checkpoints/last.ckpt also every n optimizer steps (0: only at epoch ends)
     progress_bar: bool = True
+    posterior: dict[str, Any] | None = None  # {method: swag|tfb, rank, start_epoch, collect_every_n_steps,
+    #                                    max_nll_increase}: posterior members saved in <run>/posterior (issue 15)
 
     @property
     def epoch_budget(self) -> int:
@@ -191,7 +193,37 @@ def parse_run_config(data: Any) -> RunConfig:
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     _check_bounds(cfg)
+    if t.posterior is not None:
+        t.posterior = posterior_settings(t.posterior, cfg.method.name)
     return cfg
+
+
+POSTERIOR_DEFAULTS = {"method": "swag", "rank": 5, "start_epoch": 0, "collect_every_n_steps": 0, "max_nll_increase": 0.003}
+
+
+def posterior_settings(value: dict[str, Any], method: str) -> dict[str, Any]:
+    """training.posterior with every key filled in (POSTERIOR_DEFAULTS) and checked; ConfigError naming the key."""
+    unknown = sorted(set(value) - set(POSTERIOR_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"training.posterior: unknown key(s) {unknown}; known keys: {sorted(POSTERIOR_DEFAULTS)}")
+    out = {**POSTERIOR_DEFAULTS, **value}
+    if out["method"] not in ("swag", "tfb"):
+        raise ConfigError(f"training.posterior.method: expected 'swag' or 'tfb', got {out['method']!r}")
+    for key, low in (("rank", 1), ("start_epoch", 0), ("collect_every_n_steps", 0)):
+        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < low:
+            raise ConfigError(f"training.posterior.{key} must be an integer >= {low}, got {out[key]!r}")
+    eps = out["max_nll_increase"]
+    if isinstance(eps, str):  # YAML reads 3e-3 as a string
+        try:
+            eps = out["max_nll_increase"] = float(eps)
+        except ValueError:
+            pass
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ConfigError(f"training.posterior.max_nll_increase must be a number > 0, got {eps!r}")
+    if method not in ("lora_ensemble", "single_lora"):
+        raise ConfigError(f"training.posterior is over the members of a LoRA-Ensemble (methods lora_ensemble, "
+                          f"single_lora); method {method!r} has none")
+    return out
 
 
 # (key, lowest accepted value); None values mean "not set" and are accepted

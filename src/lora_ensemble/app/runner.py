@@ -54,6 +54,7 @@ from lora_ensemble.metrics import fit_temperature
 CONFIG_FILE = "run_config.yaml"
 VAL_MONITOR = "val/nll"  # what early stopping watches and the best epoch minimises
 WEIGHTS_FILE = os.path.join("model", "weights.safetensors")
+POSTERIOR_DIR = "posterior"  # LoraPosterior.save_pretrained of training.posterior
 
 
 @dataclass
@@ -163,6 +164,10 @@ def make_trainer(config: RunConfig, run_dir: str | None, max_epochs: int | None 
 
         callbacks += [EarlyStopping(monitor=VAL_MONITOR, mode="min", patience=t.early_stopping_patience,
                                     check_finite=True, verbose=False), BestValidation(VAL_MONITOR)]
+    if t.posterior is not None and run_dir is not None:  # SWAG moments / TFB sigma, in <run>/posterior (issue 15)
+        from lora_ensemble.lightning.posterior import PosteriorCallback
+
+        callbacks.append(PosteriorCallback(**t.posterior, path=os.path.join(run_dir, POSTERIOR_DIR)))
     if run_dir is not None:  # checkpoints/last.ckpt every n steps, every epoch and on SIGTERM (checkpointing.py)
         callbacks.append(RunCheckpoint(os.path.join(run_dir, CHECKPOINT), t.checkpoint_every_n_steps,
                                        epochs=t.epoch_budget, max_steps=t.max_steps))
@@ -351,7 +356,7 @@ def load_run(run_dir: str, overrides: list[str] | None = None, with_data: bool =
     return run
 
 
-RUN_OUTPUTS = ("results.json", "evaluation.json", INFO_FILE, "model", "checkpoints")
+RUN_OUTPUTS = ("results.json", "evaluation.json", INFO_FILE, "model", "checkpoints", POSTERIOR_DIR)
 
 
 def remove_run_outputs(run_dir: str) -> None:

@@ -1,0 +1,100 @@
+"""`PosteriorCallback`: a posterior over the members of the ensemble being trained (see lora_ensemble.posterior).
+
+    trainer = L.Trainer(callbacks=[PosteriorCallback("swag", rank=5, start_epoch=1, path="runs/x/posterior")])
+
+method="swag": `collect()` at the end of every training epoch e (0-based) with e >= start_epoch, or, with
+`collect_every_n_steps` = n > 0, after every optimizer step t (1-based, global) with t % n == 0 during those
+epochs (steps that only accumulate gradients never collect). The moments travel in Lightning's checkpoints
+(`state_dict`), so a resumed run continues the same collection.
+method="tfb": nothing during training; at the end, `calibrate()` on the trainer's first validation loader
+(the anchor set) with `max_nll_increase`.
+At the end of training (`on_train_end`) the posterior is written to `path` (when given) by the main process,
+with `LoraPosterior.save_pretrained` (the ensemble as it is then, and the moments or sigma).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+from lora_ensemble.core.ensemble import LoraEnsemble
+from lora_ensemble.posterior import METHODS, LoraPosterior
+
+
+class PosteriorCallback(L.Callback):
+    """Builds a `LoraPosterior` over `module.method` (a LoraEnsemble) and collects / calibrates it."""
+
+    def __init__(self, method: str = "swag", rank: int = 5, start_epoch: int = 0, collect_every_n_steps: int = 0,
+                 path: str | None = None, max_nll_increase: float = 0.003) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown posterior method {method!r}; methods: {list(METHODS)}")
+        for name, value in (("start_epoch", start_epoch), ("collect_every_n_steps", collect_every_n_steps)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        self.method, self.rank, self.path = method, rank, path
+        self.start_epoch, self.every = start_epoch, collect_every_n_steps
+        self.max_nll_increase = max_nll_increase
+        self.posterior: LoraPosterior | None = None
+        self._pending: dict[str, Any] | None = None  # moments from a checkpoint, applied once the posterior exists
+        self._steps_before_batch = 0
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.posterior is not None:
+            return
+        ensemble = getattr(module, "method", module)
+        if not isinstance(ensemble, LoraEnsemble):
+            raise TypeError(f"a posterior is over the members of a LoraEnsemble (methods lora_ensemble, single_lora); "
+                            f"this module trains a {type(ensemble).__name__}")
+        self.posterior = LoraPosterior(ensemble, self.method, self.rank)
+
+    def _collecting(self, trainer: L.Trainer) -> bool:
+        return self.method == "swag" and trainer.current_epoch >= self.start_epoch
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._pending is not None:  # a resumed run: the moments collected before the stop
+            params = self.posterior.ensemble.member_parameters()
+            device = next(iter(params.values())).device
+            self.posterior.swag.load_state(self._pending["tensors"], self._pending["counters"],
+                                           {n: p.shape for n, p in params.items()}, device, "the checkpoint")
+            self._pending = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        self._steps_before_batch = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        stepped = trainer.global_step != self._steps_before_batch
+        if self.every and stepped and trainer.global_step % self.every == 0 and self._collecting(trainer):
+            self.posterior.collect()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self.every and self._collecting(trainer):
+            self.posterior.collect()
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        post = self.posterior
+        if post is None:
+            return
+        if self.method == "tfb":
+            loaders = trainer.val_dataloaders
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            if loader is None:
+                raise ValueError("posterior method 'tfb' calibrates on the validation loader, and this fit has none")
+            post.calibrate(loader, self.max_nll_increase)
+        if self.path is not None and trainer.is_global_zero:
+            if self.method == "swag" and post.num_collected == 0:
+                raise ValueError(f"the SWAG posterior collected nothing: training ended before epoch "
+                                 f"{self.start_epoch + 1} (start_epoch {self.start_epoch}) or before step "
+                                 f"{self.every} (collect_every_n_steps)")
+            post.save_pretrained(self.path)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.posterior is None:
+            return {}
+        tensors, counters = self.posterior.swag.state()
+        return {"tensors": {n: t.detach().cpu() for n, t in tensors.items()}, "counters": counters}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and state.get("counters", {}).get("num_collected", 0):
+            self._pending = state

@@ -1,0 +1,136 @@
+"""training.posterior in a run: the Lightning callback collects (or calibrates) and writes <run>/posterior;
+`evaluate --samples K` and `predict --samples K` use K draws per member; mistakes are one error line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+from cli_project import make_project
+
+from lora_ensemble import LoraPosterior
+from lora_ensemble.app.cli import main
+from lora_ensemble.app.run_config import load_run_config
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    make_project(root)  # 12 training rows after the validation split, batch 4: 3 optimizer steps per epoch
+    return root
+
+
+def fit(project, name: str, *overrides: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["fit", "--config", str(project / "run.yaml"), "--output-dir", str(project / name),
+                     "--set", "training.epochs=2", *overrides])
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def swag_run(project):
+    code, _ = fit(project, "swag", "training.posterior={method: swag, rank: 2}")
+    assert code == 0
+    return project / "swag"
+
+
+def test_a_swag_run_collects_at_every_epoch_end_and_writes_the_posterior(swag_run):
+    meta = json.loads((swag_run / "posterior" / "posterior_config.json").read_text())
+    assert meta["method"] == "swag" and meta["rank"] == 2 and meta["swag"]["num_collected"] == 2
+    assert (swag_run / "posterior" / "posterior.safetensors").is_file()
+
+
+def test_evaluate_and_predict_with_samples_use_k_draws_per_member(swag_run, tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(swag_run), "--samples", "3"]) == 0
+    results = json.loads((swag_run / "evaluation_samples_3.json").read_text())
+    assert (results["members"], results["trained_members"], results["samples"]) == (6, 2, 3)
+    assert 0 <= results["metrics"]["acc"] <= 1 and results["metrics"]["nll"] > 0
+    assert "lora_ensemble+swag x3" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(swag_run)]) == 0  # the trained members: other predictions
+    trained = json.loads((swag_run / "evaluation.json").read_text())
+    assert trained["metrics"]["nll"] != results["metrics"]["nll"]
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("a great and lovely film\nawful, dull and sad\n")
+    assert main(["predict", "--checkpoint", str(swag_run), "--input", str(inputs), "--samples", "3"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and all(row["prediction"] in ("neg", "pos") for row in rows)
+
+
+@pytest.mark.parametrize("settings, collected", [
+    ("{method: swag, collect_every_n_steps: 2}", 3),     # steps 2, 4, 6 of 6
+    ("{method: swag, start_epoch: 1}", 1),               # the second epoch's end only
+    ("{method: swag, start_epoch: 1, collect_every_n_steps: 2}", 2),  # steps 4 and 6 (epoch 2 has 4, 5, 6)
+])
+def test_the_collection_schedule(project, settings, collected):
+    name = f"schedule{abs(hash(settings))}"
+    code, _ = fit(project, name, f"training.posterior={settings}")
+    assert code == 0
+    post = LoraPosterior.from_pretrained(*_base_and_folder(project / name))
+    assert post.num_collected == collected
+
+
+def _base_and_folder(run):
+    from lora_ensemble.app.runner import load_run
+
+    return load_run(str(run), with_data=False).module.method, run / "posterior"
+
+
+def test_a_tfb_run_calibrates_on_the_validation_set(project, capsys):
+    code, _ = fit(project, "tfb", "training.posterior={method: tfb, max_nll_increase: 0.01}")
+    assert code == 0
+    meta = json.loads((project / "tfb" / "posterior" / "posterior_config.json").read_text())
+    assert meta["method"] == "tfb" and meta["tfb"]["max_nll_increase"] == 0.01
+    assert all(v <= 0.01 for v in meta["tfb"]["increase"]) and meta["tfb"]["num_anchor"] == 4
+    assert main(["evaluate", "--checkpoint", str(project / "tfb"), "--samples", "2"]) == 0
+    assert json.loads((project / "tfb" / "evaluation_samples_2.json").read_text())["members"] == 4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.posterior={method: laplace}", "training.posterior.method: expected 'swag' or 'tfb', got 'laplace'"),
+    ("training.posterior={method: swag, rank: 0}", "training.posterior.rank must be an integer >= 1, got 0"),
+    ("training.posterior={every: 3}", "training.posterior: unknown key(s) ['every']"),
+])
+def test_a_wrong_posterior_setting_is_one_error_line(project, capsys, override, message):
+    code, _ = fit(project, "wrong", override)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (project / "wrong").exists()
+
+
+def test_a_posterior_needs_a_lora_ensemble_and_samples_need_a_posterior(project, capsys, tmp_path):
+    code, _ = fit(project, "wrong", "method.name=single", "training.posterior={method: swag}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "method 'single' has none" in err[0], err
+    code, _ = fit(project, "plain")
+    assert code == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(project / "plain"), "--samples", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--samples needs the posterior" in err[0], err
+
+
+def test_the_settings_are_filled_in_and_survive_the_saved_config(project, tmp_path):
+    config = load_run_config(project / "run.yaml", ["training.posterior={method: tfb}"])
+    assert config.training.posterior == {"method": "tfb", "rank": 5, "start_epoch": 0, "collect_every_n_steps": 0,
+                                         "max_nll_increase": 0.003}
+
+
+def test_a_resumed_run_continues_the_same_collection(project, tmp_path):
+    from safetensors.torch import load_file
+
+    from lora_ensemble.app.runner import fit as run_fit
+
+    config = load_run_config(project / "run.yaml", ["training.epochs=3", "training.posterior={method: swag, rank: 2}",
+                                                    "training.progress_bar=false"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_fit(config, str(tmp_path / "whole"))
+        run_fit(config, str(tmp_path / "stopped"), max_epochs=1)  # stops after epoch 1 of 3 (a checkpoint)
+        run_fit(config, str(tmp_path / "stopped"), resume=True)
+    whole, resumed = (load_file(str(tmp_path / d / "posterior" / "posterior.safetensors")) for d in ("whole", "stopped"))
+    meta = json.loads((tmp_path / "stopped" / "posterior" / "posterior_config.json").read_text())
+    assert meta["swag"]["num_collected"] == 3 and whole.keys() == resumed.keys()
+    for name in whole:
+        assert (whole[name] - resumed[name]).abs().max() < 1e-6, name
