@@ -52,6 +52,13 @@ def test_evaluate_and_predict_with_samples_use_k_draws_per_member(swag_run, tmp_
     assert main(["evaluate", "--checkpoint", str(swag_run)]) == 0  # the trained members: other predictions
     trained = json.loads((swag_run / "evaluation.json").read_text())
     assert trained["metrics"]["nll"] != results["metrics"]["nll"]
+    chunked_path = tmp_path / "chunked.json"
+    assert main(["evaluate", "--checkpoint", str(swag_run), "--samples", "3", "--member-chunk-size", "4",
+                 "--output", str(chunked_path)]) == 0  # 6 sampled members: 4 + 2
+    chunked = json.loads(chunked_path.read_text())
+    assert chunked["member_chunk_size"] == 4 and chunked["members"] == 6
+    for key in ("acc", "nll", "ece", "brier", "div/disagreement", "unc/epistemic"):
+        assert abs(chunked["metrics"][key] - results["metrics"][key]) < 1e-5, key
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("a great and lovely film\nawful, dull and sad\n")
     assert main(["predict", "--checkpoint", str(swag_run), "--input", str(inputs), "--samples", "3"]) == 0

@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values (e.g. data.*)")
     p.add_argument("--samples", type=positive_int, metavar="K", help="evaluate K draws per member from the run's "
                    "posterior (training.posterior) instead of the trained members (default <run>/evaluation_samples_K.json)")
+    p.add_argument("--member-chunk-size", type=positive_int, metavar="N", help="with --samples: run N sampled "
+                   "members per pass and concatenate their logits (less memory, the same metrics)")
 
     p = sub.add_parser("analyze", parents=[common], help="diversity, mode connectivity and representation "
                                                          "similarity of a finished run's members")
@@ -255,13 +257,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from lora_ensemble.io import atomic_write_bytes
 
         run = load_run(args.checkpoint, args.set)
-        name, drawn = run.config.method.name, {}
+        name = run.config.method.name
         if args.samples is not None:  # the trained ensemble replaced by K draws per member (app/posterior.py)
-            from lora_ensemble.app.posterior import use_posterior_samples
+            from lora_ensemble.app.posterior import evaluate_samples
 
-            drawn = use_posterior_samples(run, args.checkpoint, args.samples)
-            name = f"{name}+{drawn['posterior']} x{args.samples}"
-        results = {**test(run, make_trainer(run.config, None)), **drawn}
+            results = evaluate_samples(run, args.checkpoint, args.samples, args.member_chunk_size)
+            name = f"{name}+{results['posterior']} x{args.samples}"
+        else:
+            results = test(run, make_trainer(run.config, None))
         default = f"evaluation_samples_{args.samples}.json" if args.samples is not None else "evaluation.json"
         out = args.output or os.path.join(args.checkpoint, default)
         atomic_write_bytes(out, json.dumps(results, indent=2).encode())

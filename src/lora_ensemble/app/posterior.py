@@ -2,11 +2,17 @@
 that `fit` wrote with `training.posterior` (<run>/posterior, see lora_ensemble.posterior).
 
     run = load_run(run_dir); use_posterior_samples(run, run_dir, 16)   # run.module.method: M * 16 members
+    evaluate_samples(run, run_dir, 64, member_chunk_size=32)           # test metrics, 32 sampled members a pass
+
+With `member_chunk_size`, the sampled members run in chunks of that many (each chunk drawn on its own on the
+shared backbone, `LoraPosterior.member_logits`) and their logits are concatenated before the metrics: the same
+numbers as the whole sampled ensemble, at the memory of one chunk (K = 64 on a laptop).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from lora_ensemble.app.run_config import ConfigError
@@ -15,10 +21,8 @@ from lora_ensemble.posterior import LoraPosterior
 from lora_ensemble.posterior.posterior import POSTERIOR_CONFIG
 
 
-def use_posterior_samples(run: Any, run_dir: str, samples: int, seed: int | None = None,
-                          scale: float = 1.0) -> dict[str, Any]:
-    """Put `post.sample(samples, seed, scale)` in place of the run's trained ensemble (its frozen backbone is
-    shared, not copied); the seed defaults to the run's. Returns what results.json records about it."""
+def load_posterior(run: Any, run_dir: str) -> LoraPosterior:
+    """The posterior of the run in `run_dir` on the run's trained ensemble; ConfigError when there is none."""
     from lora_ensemble.app.runner import POSTERIOR_DIR
 
     folder = os.path.join(run_dir, POSTERIOR_DIR)
@@ -29,8 +33,47 @@ def use_posterior_samples(run: Any, run_dir: str, samples: int, seed: int | None
     ensemble = run.module.method
     if not isinstance(ensemble, LoraEnsemble):
         raise ConfigError(f"--samples draws LoRA-Ensemble members; this run's method is {type(ensemble).__name__}")
-    post = LoraPosterior.from_pretrained(ensemble, folder)
-    seed = run.config.seed if seed is None else seed
-    run.module.method = post.sample(samples, seed=seed, scale=scale)
+    return LoraPosterior.from_pretrained(ensemble, folder)
+
+
+def _info(post: LoraPosterior, samples: int, seed: int, scale: float) -> dict[str, Any]:
     return {"posterior": post.method, "samples": samples, "trained_members": post.num_members,
             "members": post.num_members * samples, "posterior_seed": seed, "posterior_scale": scale}
+
+
+def use_posterior_samples(run: Any, run_dir: str, samples: int, seed: int | None = None,
+                          scale: float = 1.0) -> dict[str, Any]:
+    """Put `post.sample(samples, seed, scale)` in place of the run's trained ensemble (its frozen backbone is
+    shared, not copied); the seed defaults to the run's. Returns what results.json records about it."""
+    post = load_posterior(run, run_dir)
+    seed = run.config.seed if seed is None else seed
+    run.module.method = post.sample(samples, seed=seed, scale=scale)
+    return _info(post, samples, seed, scale)
+
+
+def evaluate_samples(run: Any, run_dir: str, samples: int, member_chunk_size: int | None = None,
+                     seed: int | None = None, scale: float = 1.0) -> dict[str, Any]:
+    """Test (+ OOD) metrics of K draws per member, as `runner.test` reports them for the trained members, plus
+    what `use_posterior_samples` records. `member_chunk_size`: that many sampled members per pass (see above)."""
+    from lora_ensemble.app.runner import make_trainer, test
+
+    if member_chunk_size is None:
+        info = use_posterior_samples(run, run_dir, samples, seed, scale)
+        return {**test(run, make_trainer(run.config, None)), **info}
+    from lora_ensemble.metrics import evaluate
+
+    post = load_posterior(run, run_dir)
+    seed = run.config.seed if seed is None else seed
+    start = time.perf_counter()
+    logits, labels = post.member_logits(run.loader("test"), samples, seed=seed, scale=scale,
+                                        member_chunk_size=member_chunk_size)
+    ood_loader = run.loader("ood")
+    ood = None if ood_loader is None else post.member_logits(ood_loader, samples, seed=seed, scale=scale,
+                                                             member_chunk_size=member_chunk_size)[0]
+    elapsed = time.perf_counter() - start
+    t = run.module.temperature
+    metrics = evaluate(logits / t, labels, None if ood is None else ood / t, n_bins=run.module.n_bins)
+    run.module.last_outputs["test"] = (logits / t, labels, None if ood is None else ood / t)
+    n = logits.shape[1] + (0 if ood is None else ood.shape[1])
+    return {"metrics": metrics, "inference_time_per_sample_s": elapsed / max(1, n), "temperature": t,
+            **_info(post, samples, seed, scale), "member_chunk_size": member_chunk_size}
