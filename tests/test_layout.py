@@ -185,3 +185,16 @@ def test_the_command_line_runs_without_transformers():
             print("ran")
     """, ("transformers",))
     assert proc.returncode == 0 and proc.stdout.strip() == "ran", proc.stderr
+
+
+@pytest.mark.parametrize("model, missing, extra", [("tiny:bert", "transformers", "demo"),
+                                                   ("timm:vit_tiny_patch16_224", "timm", "vision")])
+def test_a_model_without_its_extra_is_one_error_naming_the_extra(model, missing, extra):
+    proc = run_with_blocked(f"""
+        from lora_ensemble.app.builders import build_model
+        from lora_ensemble.app.run_config import ModelConfig
+        build_model(ModelConfig(name={model!r}), 3, "text" if {model!r}.startswith("tiny") else "image")
+    """, (missing,))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError:") and f"pip install 'lora-ensemble[{extra}]'" in last, proc.stderr
+    assert repr(model) in last

@@ -24,6 +24,7 @@ from torch import nn
 from lora_ensemble.app.data.collators import AudioCollator, ImageCollator, TextCollator
 from lora_ensemble.app.llm import LLM_MODELS, build_llm
 from lora_ensemble.app.run_config import ConfigError, ModelConfig
+from lora_ensemble.extras import require
 
 
 def minilm_path() -> str:
@@ -103,6 +104,7 @@ def check_max_length(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 def _hugging_face(path: str, num_classes: int, modality: str, cfg: ModelConfig) -> tuple[nn.Module, Callable]:
+    require("demo", "transformers", feature=f"model {cfg.name!r} (a Hugging Face model)")
     import transformers as tf
 
     auto_model = {"text": tf.AutoModelForSequenceClassification, "image": tf.AutoModelForImageClassification,
@@ -128,6 +130,7 @@ def _hugging_face(path: str, num_classes: int, modality: str, cfg: ModelConfig) 
 
 
 def _timm(name: str, num_classes: int, cfg: ModelConfig) -> tuple[nn.Module, Callable]:
+    require("vision", "timm", feature=f"model {cfg.name!r}")
     import timm
     from timm.data import create_transform, resolve_data_config
 
@@ -143,6 +146,7 @@ def _timm(name: str, num_classes: int, cfg: ModelConfig) -> tuple[nn.Module, Cal
 
 
 def _torchvision(name: str, num_classes: int, cfg: ModelConfig) -> tuple[nn.Module, Callable]:
+    require("vision", "torchvision", feature=f"model {cfg.name!r}")
     import torchvision
 
     try:
@@ -166,6 +170,7 @@ def _torchvision(name: str, num_classes: int, cfg: ModelConfig) -> tuple[nn.Modu
 
 def _tiny(kind: str, num_classes: int, modality: str, cfg: ModelConfig, sample_rate: int) -> tuple[nn.Module, Callable]:
     """Tiny random stand-ins (no download), the same family as the real models of each modality."""
+    require("demo", "transformers", feature=f"model {cfg.name!r}")
     import transformers as tf
 
     if kind != modality:
