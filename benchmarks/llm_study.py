@@ -14,10 +14,12 @@ refuses such a backbone). Each run is its own process (`nice -n 5` is up to the 
 an interrupted fit continues from its checkpoint (--resume).
 
     nohup nice -n 5 .venv/bin/python benchmarks/llm_study.py --seeds 0 1 2 > runs/llm_study.log 2>&1 &
+    .venv/bin/python benchmarks/llm_study.py --tag e10-lr2e-3 --seeds 0 --set training.epochs=10 \
+        training.lr=2e-3 training.val_every_n_epochs=10      # a variant: runs named e10-lr2e-3-<run>
     .venv/bin/python benchmarks/llm_study.py --table         # the markdown table of what is measured
 
 Results: docs/llm/<run>.json (raw results.json of the run + peak_rss_bytes, wall_s, command); run folders in
-runs/llm_study/<run>/.
+runs/llm_study/<run>/ (with --out elsewhere, e.g. a smoke run with --set data.train_size=8 ...: <out>/runs/).
 """
 
 from __future__ import annotations
@@ -65,15 +67,24 @@ def zero_shot_child(out: Path, extra: list[str]) -> None:
     assert all(torch.count_nonzero(p) == 0 for n, p in run.module.method.member_parameters().items()
                if "lora_B" in n), "a zero-shot run needs LoRA B = 0"
     results = test(run, make_trainer(config, None))
+    from lora_ensemble.app.diagnostics import collapse_warning
+
+    logits, labels, _ = run.module.last_outputs["test"]
+    results["prediction_collapse"] = collapse_warning(logits, labels, run.splits.class_names, warn=False)
+    predicted = logits.float().softmax(-1).mean(0).argmax(-1)
+    results["predicted_class_counts"] = {c: int((predicted == i).sum()) for i, c in enumerate(run.splits.class_names)}
     results["config_overrides"] = ["method.name=single_lora"]
     out.write_text(json.dumps(results, indent=2))
 
 
-def jobs(seeds: list[int]) -> list[tuple[str, list[str]]]:
-    out = [("zero_shot", [])]
+def jobs(seeds: list[int], tag: str | None = None) -> list[tuple[str, list[str]]]:
+    """The runs: zero-shot (not with a tag: it trains nothing), then single LoRA and LoRA-Ensemble per seed;
+    names get `<tag>-` in front when a tag names the settings changed by --set."""
+    out = [] if tag else [("zero_shot", [])]
+    prefix = f"{tag}-" if tag else ""
     for s in seeds:
-        out += [(f"single_lora-seed{s}", [f"seed={s}", "method.name=single_lora"]),
-                (f"lora_ensemble-seed{s}", [f"seed={s}"])]
+        out += [(f"{prefix}single_lora-seed{s}", [f"seed={s}", "method.name=single_lora"]),
+                (f"{prefix}lora_ensemble-seed{s}", [f"seed={s}"])]
     return out
 
 
@@ -85,7 +96,7 @@ def run_job(name: str, overrides: list[str], extra: list[str]) -> None:
         print(f"{name}: measured ({target.relative_to(ROOT)})", flush=True)
         return
     print(f"{name}: running ({time.strftime('%H:%M:%S')})", flush=True)
-    if name == "zero_shot":
+    if name.startswith("zero_shot"):
         raw = RUNS / "zero_shot.results.json"
         command = [sys.executable, __file__, "--zero-shot-child", str(raw), *(["--set", *extra] if extra else [])]
     else:
@@ -104,6 +115,10 @@ def run_job(name: str, overrides: list[str], extra: list[str]) -> None:
     from lora_ensemble.app.run_config import load_run_config
 
     config = load_run_config(CONFIG, extra)
+    if name != "zero_shot":  # the resolved config the run trained with (its run folder's run_config.yaml)
+        import yaml
+
+        results["run_config"] = yaml.safe_load((RUNS / name / "run_config.yaml").read_text())
     results.update(steps_per_epoch=math.ceil(config.data.options["train_size"] / config.data.batch_size),
                    peak_rss_bytes=peak, wall_s=wall, command=" ".join(["python", *shown[1:]]),
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=machine())
@@ -143,20 +158,23 @@ def table() -> str:
 
 
 def main() -> None:
-    global OUT
+    global OUT, RUNS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="*", default=[0])
     p.add_argument("--table", action="store_true")
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run (a smoke test)")
+    p.add_argument("--tag", help="name of a variant whose settings --set changes (prefixes its run names)")
     p.add_argument("--out", default=str(OUT), help="folder of the result JSONs (default docs/llm)")
     p.add_argument("--zero-shot-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.zero_shot_child:
         return zero_shot_child(Path(args.zero_shot_child), args.set)
     OUT = Path(args.out).resolve()
+    if OUT != ROOT / "docs" / "llm":  # a smoke run keeps its run folders beside its JSONs
+        RUNS = OUT / "runs"
     if args.table:
         return print(table())
-    for name, overrides in jobs(args.seeds):
+    for name, overrides in jobs(args.seeds, args.tag):
         run_job(name, overrides, args.set)
 
 

