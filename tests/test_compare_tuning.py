@@ -158,3 +158,15 @@ def test_jobs_need_isolated_runs_and_a_bad_storage_url_is_one_error_line(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --storage 'nosuchdb://nowhere/x': cannot open"), err
     assert not (tmp_path / "out2" / "tuning").exists()  # no trial ran
+
+
+def test_methods_with_the_same_search_space_do_not_draw_the_same_values(tmp_path):
+    from lora_ensemble.app.tuning import parse_tuning, tune_method
+
+    tuning = parse_tuning({"trials": 2}, ["single", "explicit"])
+    drawn = {}
+    for method in ("single", "explicit"):
+        result = tune_method(method, tuning, f"sqlite:///{tmp_path}/t.db", f"out/{method}", {}, True,
+                             lambda params, n: {"status": "ok", "results": {"best_val_nll": params["lr"]}}, log=lambda s: None)
+        drawn[method] = [t["params"]["lr"] for t in result["trials"]]
+    assert drawn["single"] != drawn["explicit"]

@@ -4,7 +4,7 @@ A compare config may hold a `tuning:` section (its absence, or `--trials 0`, ski
 
     tuning:
       trials: 4                 # trials per method (finished trials of a resumed study count)
-      seed: 0                   # the sampler's seed (TPE; random search for its first 10 trials)
+      seed: 0                   # the sampler's seed, plus crc32(method) (TPE; random search for its first 10 trials)
       space:                    # per method, parameter -> [low, high] (or {low, high, log}); merged over DEFAULT_SPACE
         lora_ensemble: {lr: [1.0e-3, 1.0e-2], init_gain: [1.0, 10.0]}
       start:                    # settings every study tries first (Optuna's enqueue_trial), per method
@@ -32,6 +32,7 @@ import copy
 import math
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,7 +211,8 @@ def open_study(storage: str, name: str, space: dict[str, Range], seed: int, fing
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by our own line
-    sampler = optuna.samplers.TPESampler(seed=seed)
+    # each study its own stream: methods with the same space (single, explicit) do not draw the same values
+    sampler = optuna.samplers.TPESampler(seed=seed + zlib.crc32(name.rsplit("/", 1)[-1].encode()))
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler,
                                     load_if_exists=True)
