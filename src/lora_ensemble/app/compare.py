@@ -1,6 +1,15 @@
-"""`lora-ensemble compare`: several methods on the same data, budget and seeds; one table of mean ± std.
+"""`lora-ensemble compare`: several methods on the same data, budget rule and seeds, each tuned on validation
+first; one table of mean ± 95 % interval and the paired differences to LoRA-Ensemble.
 
     lora-ensemble compare --config configs/compare_bbc_minilm.yaml --seeds 3 --output-dir runs/compare
+        [--trials N] [--storage URL] [--jobs N]
+
+Protocol, per method (in the order given): the tuning stage (`tuning.py`: an Optuna study over its learning
+rate and its one knob, each trial trained on the training split and scored by validation NLL, no test loader),
+then its seeds with the best setting, each tested once. A rerun of the same command resumes: finished trials
+(the study in <output_dir>/tuning.db) and finished final runs (same config, compare_run.json ok) are kept.
+Statistics (`stats.py`): mean ± t_{0.975,n-1} s / sqrt(n) over seeds for every metric; for NLL, ECE and Brier
+the paired bootstrap over test samples of lora_ensemble - method (2000 resamples, seed 0).
 
 The YAML is a run config (see `run_config`) plus an optional top-level `compare:` mapping of per-method
 overrides, each a partial run config merged over the base for that method only:
@@ -25,9 +34,12 @@ keeps one run's crash or out-of-memory kill away from the others. `isolate=False
 (faster for tests; no CPU peak memory then).
 
 Output folder:
-    results.md, results.csv    one row per method, mean ± std over seeds; a failed run adds a row with its error
+    results.md, results.csv    the tuning table; one row per method, mean ± 95 % interval over seeds (csv: mean, std,
+                               ci95); a failed run adds a row with its error; the paired bootstrap table
+    tuning.db                  the Optuna studies (unless --storage); tuning/<method>/trial<k>/ the trials' folders
     results.json               every run's full results and config, the aggregate, the command
-    figures/                   `report.write_figures` of seed 0: all methods on shared axes
+    figures/                   `report.write_figures` of seed 0: all methods on shared axes; reliability_all.png (the
+                               reliability diagrams side by side), nll_vs_train_time.png, nll_vs_memory.png
     <method>/seed<i>/          the run folder (see `runner`) + test_outputs.safetensors, compare_run.json, log.txt
 """
 
