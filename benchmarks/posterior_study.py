@@ -1,0 +1,250 @@
+"""Posterior members on the offline default (issue 15): do 4 trained members x K posterior draws reach 16 trained
+members? The study of docs/posterior.md, resumable.
+
+Per seed, three runs on configs/bbc_news_minilm.yaml with the sizes below (SIZE: smaller splits and inputs than
+the config, for a 2-core machine shared with other studies):
+
+    ens4     lora_ensemble, M = 4, training.posterior swag (collected during training, see SWAG below)
+    ens16    lora_ensemble, M = 16
+    single   single_lora (M = 1), training.posterior swag (the SWAG-LoRA baseline: the same code with M = 1)
+
+and these evaluations on the test split (+ the OOD split for OOD AUROC), each one cell:
+
+    lora_ensemble-4        ens4's trained members                      lora_ensemble-16   ens16's trained members
+    swag-K                 ens4 + K SWAG draws per member (4 K members) for K in SAMPLES
+    tfb-K                  ens4 + K TFB draws per member: sigma calibrated on the validation split (anchor set,
+                           max_nll_increase 0.003, LoraPosterior.calibrate), for K in SAMPLES
+    single_swag-16         single + 16 SWAG draws
+    (seed 0 also: EXTRA, the variants tried: SWAG scale 0 and 0.5, TFB with a 10x larger threshold)
+
+    nohup nice -n 5 python benchmarks/posterior_study.py > runs/posterior/study.log 2>&1 &   # what is not done
+    python benchmarks/posterior_study.py --table       # markdown table (mean and std over the seeds measured)
+    python benchmarks/posterior_study.py --figure      # docs/posterior/members.png
+
+A finished cell is docs/posterior/cells/<seed>-<cell>.json (metrics, times, the posterior's settings); it is
+skipped (delete it to rerun). Run folders go to runs/posterior/seed<seed>/<run>/ (not committed); a run with a
+results.json there is not trained again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "src" / "lora_ensemble" / "configs" / "bbc_news_minilm.yaml"
+OUT = ROOT / "docs" / "posterior"
+RUNS = ROOT / "runs" / "posterior"
+
+# the offline default's schedule (3 epochs, lr 2e-3, warm-up 10, batch 16) on less data and shorter inputs:
+# 240 training articles (15 steps an epoch, 45 in all), 32 tokens, 100 / 200 / 100 val / test / OOD articles
+SIZE = ["model.max_length=32", "data.train_size=240", "data.val_size=100", "data.test_size=200", "data.ood_size=100",
+        "training.val_every_n_epochs=3", "training.progress_bar=false"]
+# SWAG: collected every 3 optimizer steps from the second epoch on (steps 18, 21, ..., 45: 10 snapshots), the last
+# 5 deviations kept
+SWAG = "training.posterior={method: swag, rank: 5, start_epoch: 1, collect_every_n_steps: 3}"
+RUN_SETS = {
+    "ens4": ["method.num_members=4", SWAG],
+    "ens16": ["method.num_members=16"],
+    "single": ["method.name=single_lora", SWAG],
+}
+TRAINED = {"ens4": 4, "ens16": 16, "single": 1}
+SAMPLES = (1, 4, 16)
+TFB_EPS = 0.003
+EVAL_SAMPLED = ["data.eval_batch_size=16"]  # 64 members x 16 rows per forward pass
+KEYS = ("acc", "nll", "ece", "brier", "ood/auroc_entropy", "ood/auroc_mi")
+
+
+def cells(seed: int = 0) -> list[tuple[str, str, int | None, str | None, float, float]]:
+    """(cell, run, K, posterior, scale, TFB threshold) in the order they run; seed 0 adds the variants (EXTRA)."""
+    out = [("lora_ensemble-4", "ens4", None, None, 1.0, TFB_EPS)]
+    out += [(f"swag-{k}", "ens4", k, "swag", 1.0, TFB_EPS) for k in SAMPLES]
+    out += [(f"tfb-{k}", "ens4", k, "tfb", 1.0, TFB_EPS) for k in SAMPLES]
+    out += [("lora_ensemble-16", "ens16", None, None, 1.0, TFB_EPS), ("single_swag-16", "single", 16, "swag", 1.0, TFB_EPS)]
+    if seed == 0:
+        return out + EXTRA
+    first = ("lora_ensemble-4", "swag-16", "lora_ensemble-16", "tfb-16")  # the issue's goal first: a short
+    return sorted(out, key=lambda c: first.index(c[0]) if c[0] in first else len(first))  # budget answers it
+
+
+# what else was tried (seed 0): SWAG's means alone (scale 0: the SWA average of the collected snapshots), half
+# SWAG's standard deviation, and TFB with a 10x larger NLL threshold
+EXTRA = [("swag-1-scale0", "ens4", 1, "swag", 0.0, TFB_EPS), ("swag-4-scale0.5", "ens4", 4, "swag", 0.5, TFB_EPS),
+         ("tfb-4-eps0.03", "ens4", 4, "tfb", 1.0, 0.03)]
+
+
+def run_dir(seed: int, name: str) -> Path:
+    return RUNS / f"seed{seed}" / name
+
+
+def train(seed: int, name: str) -> dict[str, Any]:
+    from lora_ensemble.app.run_config import load_run_config
+    from lora_ensemble.app.runner import fit
+
+    folder = run_dir(seed, name)
+    done = folder / "results.json"
+    if not done.is_file():
+        config = load_run_config(CONFIG, [*SIZE, f"seed={seed}", *RUN_SETS[name]])
+        print(f"[{time.strftime('%H:%M:%S')}] fit seed {seed} {name}", flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            fit(config, str(folder), overwrite=True)
+    return json.loads(done.read_text())
+
+
+def evaluate_cell(seed: int, cell: str, run: str, k: int | None, posterior: str | None, scale: float = 1.0,
+                  eps: float = TFB_EPS) -> dict[str, Any]:
+    from lora_ensemble import LoraPosterior
+    from lora_ensemble.app.posterior import use_posterior_samples
+    from lora_ensemble.app.runner import load_run, make_trainer, test
+
+    trained = train(seed, run)
+    folder = run_dir(seed, run)
+    loaded = load_run(str(folder), EVAL_SAMPLED if k else [])
+    extra: dict[str, Any] = {}
+    start = time.perf_counter()
+    if posterior == "swag":
+        extra = use_posterior_samples(loaded, str(folder), k, scale=scale)
+    elif posterior == "tfb":
+        post = LoraPosterior(loaded.module.method, method="tfb")
+        tfb_folder = folder / ("posterior_tfb" if eps == TFB_EPS else f"posterior_tfb_eps{eps:g}")
+        if (tfb_folder / "posterior_config.json").is_file():
+            post = LoraPosterior.from_pretrained(loaded.module.method, tfb_folder)
+        else:
+            post.calibrate(loaded.loader("val"), max_nll_increase=eps)
+            post.save_pretrained(tfb_folder)
+        loaded.module.method = post.sample(k, seed=seed, scale=scale)
+        extra = {"posterior": "tfb", "samples": k, "members": post.num_members * k, "scale": scale,
+                 "tfb": post.calibration.to_dict()}
+    prepare_s = time.perf_counter() - start
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = test(loaded, make_trainer(loaded.config, None))
+    metrics = results["metrics"]
+    return {
+        "seed": seed, "cell": cell, "run": run, "samples": k, "posterior": posterior,
+        "trained_members": TRAINED[run],
+        "test_members": int(loaded.module.method.num_members),
+        **{key: metrics[key] for key in KEYS if key in metrics},
+        "train_time_s": trained["train_time_s"],
+        "inference_time_per_sample_s": results["inference_time_per_sample_s"],
+        "posterior_prepare_s": prepare_s,
+        **{key if key.startswith("posterior_") else f"posterior_{key}": v for key, v in extra.items()
+           if key not in ("samples", "posterior")},
+        "overrides": [*SIZE, f"seed={seed}", *RUN_SETS[run]], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU (shared with other studies)",
+    }
+
+
+def measure(seeds: list[int]) -> None:
+    (OUT / "cells").mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for cell, run, k, posterior, scale, eps in cells(seed):
+            path = OUT / "cells" / f"{seed}-{cell}.json"
+            if path.is_file():
+                continue
+            t0 = time.perf_counter()
+            row = evaluate_cell(seed, cell, run, k, posterior, scale, eps)
+            from lora_ensemble.io import atomic_write_bytes
+
+            atomic_write_bytes(path, json.dumps(row, indent=2).encode())
+            print(f"[{time.strftime('%H:%M:%S')}] seed {seed} {cell}: nll {row['nll']:.4f} acc {row['acc']:.4f} "
+                  f"auroc_mi {row.get('ood/auroc_mi', float('nan')):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def measured() -> dict[str, list[dict[str, Any]]]:
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((OUT / "cells").glob("*.json")):
+        row = json.loads(path.read_text())
+        rows.setdefault(row["cell"], []).append(row)
+    return rows
+
+
+def fmt(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table() -> str:
+    rows = measured()
+    head = ("| cell | trained | at test | seeds | acc | NLL | ECE | Brier | OOD AUROC (entropy) | OOD AUROC (MI) "
+            "| train s | inference ms/sample |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+    for cell, *_ in cells(0):
+        got = rows.get(cell, [])
+        if not got:
+            continue
+        col = lambda key: [r[key] for r in got if key in r]  # noqa: E731
+        lines.append(f"| {cell} | {got[0]['trained_members']} | {got[0]['test_members']} | "
+                     f"{','.join(str(r['seed']) for r in got)} | {fmt(col('acc'))} | {fmt(col('nll'))} | "
+                     f"{fmt(col('ece'))} | {fmt(col('brier'))} | {fmt(col('ood/auroc_entropy'))} | "
+                     f"{fmt(col('ood/auroc_mi'))} | {fmt(col('train_time_s'), 1)} | "
+                     f"{fmt([1000 * v for v in col('inference_time_per_sample_s')], 2)} |")
+    return "\n".join(lines)
+
+
+def figure() -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = measured()
+    kinds = {"lora_ensemble (trained)": ["lora_ensemble-4", "lora_ensemble-16"],
+             "lora_ensemble + swag": [f"swag-{k}" for k in SAMPLES],
+             "lora_ensemble + tfb": [f"tfb-{k}" for k in SAMPLES], "single_lora + swag": ["single_swag-16"]}
+    names = [n for group in kinds.values() for n in group]
+    seeds = sorted({r["seed"] for n in names for r in rows.get(n, [])})
+    complete = [sd for sd in seeds if all(any(r["seed"] == sd for r in rows.get(n, [])) for n in names)]
+    rows = {n: [r for r in rows.get(n, []) if r["seed"] in complete] for n in names}  # seeds with every cell
+    rows = {n: got for n, got in rows.items() if got}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig.suptitle(f"posterior members, BBC News / MiniLM (mean over seeds {complete})", fontsize=10)
+    for ax, key, label in ((axes[0], "nll", "test NLL"), (axes[1], "ood/auroc_mi", "OOD AUROC (MI)")):
+        for kind, names in kinds.items():
+            pts = [(rows[n][0]["test_members"], statistics.mean(r[key] for r in rows[n])) for n in names if n in rows]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=kind)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("members at test time")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = OUT / "members.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--table", action="store_true", help="print the table of the measured cells")
+    p.add_argument("--figure", action="store_true", help="write docs/posterior/members.png")
+    args = p.parse_args(argv)
+    if args.table:
+        print(table())
+        return 0
+    if args.figure:
+        print(figure())
+        return 0
+    measure(args.seeds)
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
