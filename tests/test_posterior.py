@@ -256,3 +256,26 @@ def test_errors_are_one_clear_line(tmp_path):
         LoraPosterior.from_pretrained(LoraEnsemble(other, num_members=3, r=2), tmp_path / "post")
     with pytest.raises(FileNotFoundError, match="posterior_config.json not found"):
         LoraPosterior.from_pretrained(build("plain")[0], tmp_path)
+
+
+def test_the_sampled_ensemble_runs_the_shared_trunk_and_exports_to_peft(tmp_path):
+    from lora_ensemble import export_peft, from_peft
+
+    model, make_batch = build("bert")
+    ens = LoraEnsemble(model, num_members=2, r=2, layers=[-1], share_trunk=True).eval()
+    perturb(ens, 0.05, seed=1)
+    post = LoraPosterior(ens, method="tfb")
+    batch = make_batch(4, torch.Generator().manual_seed(0))
+    post.calibrate(labelled(batch, 4), steps=4)
+    sampled = post.sample(3)
+    assert sampled.trunk_end == ens.trunk_end  # the trunk before the adapted block runs once on B rows
+    with torch.no_grad():
+        assert torch.allclose(call(post.sample(3, scale=0.0), batch), call(ens, batch).repeat_interleave(3, 0),
+                              atol=1e-6)
+        out = call(sampled, batch)
+    folders = export_peft(sampled, tmp_path / "peft")
+    assert len(folders) == 6
+    fresh, _ = build("bert")
+    back = from_peft(fresh, folders).eval()
+    with torch.no_grad():
+        assert torch.allclose(call(back, batch), out, atol=1e-5)
