@@ -68,3 +68,12 @@ def test_a_trial_fit_returns_validation_results_only(tmp_path):
 def test_early_stopping_settings_are_checked_when_the_config_is_read(training, message):
     with pytest.raises(ConfigError, match=message):
         config(**training)
+
+
+def test_a_run_that_stopped_early_counts_as_finished_for_resume(tmp_path):
+    """Its last checkpoint says training reached its end, so `fit --resume` does not train it further."""
+    from lora_ensemble.lightning.checkpointing import CHECKPOINT, read_checkpoint, training_complete
+
+    results, _ = fit(config(), str(tmp_path))
+    assert results["epochs_run"] < 6                                   # early stopping ended it
+    assert training_complete(read_checkpoint(str(tmp_path / CHECKPOINT)))

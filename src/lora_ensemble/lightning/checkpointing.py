@@ -41,7 +41,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Sampler
 
@@ -171,7 +171,7 @@ class RunCheckpoint(Checkpoint):
     at the end of every epoch, and on SIGTERM; keeps the training time across resumed segments.
 
     State saved with the checkpoint: `segments_s` (training time of each segment up to this checkpoint),
-    `train_time_s` (their sum), `complete` (training had reached `epochs` / `max_steps`)."""
+    `train_time_s` (their sum), `complete` (training had reached `epochs` / `max_steps`, or early stopping ended it)."""
 
     def __init__(self, path: str, every_n_steps: int = 0, epochs: int = 1, max_steps: int = -1):
         if every_n_steps < 0:
@@ -216,7 +216,11 @@ class RunCheckpoint(Checkpoint):
         if trainer is None:
             return False
         epochs_done = trainer.current_epoch + (1 if self._at_epoch_end else 0)  # current_epoch: finished epochs
-        return epochs_done >= self.epochs or (self.max_steps > 0 and trainer.global_step >= self.max_steps)
+        stopped_early = self._at_epoch_end and any(  # EarlyStopping ran out of patience at this epoch's validation
+            isinstance(cb, EarlyStopping) and cb.wait_count >= cb.patience and trainer.should_stop
+            for cb in trainer.callbacks)
+        return (epochs_done >= self.epochs or stopped_early
+                or (self.max_steps > 0 and trainer.global_step >= self.max_steps))
 
     # ---- when to write ---------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:

@@ -24,7 +24,7 @@ Optional hooks (any method may define them; the trainer calls those present):
     explicit         M full copies, re-drawn heads, vmap or loop              head, head_init, seed, vectorize
     mc_dropout       dropout on at test time, M passes as one batch           dropout, attention_dropout, seed,
                                                                               lora (+ LoraEnsembleConfig fields)
-    snapshot         cyclic cosine lr, M snapshots (hooks above)              vectorize
+    snapshot         cyclic cosine lr, M snapshots (hooks above)              cycles (>= M; the last M are members), vectorize
     batch_ensemble   rank-1 fast weights on the LoRA targets, frozen backbone target_modules, layers, head,
                                                                               head_init, init, init_std, seed
 
