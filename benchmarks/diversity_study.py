@@ -40,7 +40,11 @@ RUNS = ROOT / "runs" / "diversity"
 # articles (45 steps), 32 tokens, 50 / 200 / 100 val / test / OOD articles. Sized for a 2-core machine shared with
 # two other studies (the offline default's 400 articles x 64 tokens took 180 s an epoch there under that load)
 SIZE = {"model.max_length": 32, "data.train_size": 240, "data.val_size": 50, "data.test_size": 200,
-        "data.ood_size": 100, "training.val_every_n_epochs": 3, "training.progress_bar": False}
+        "data.ood_size": 100, "training.val_every_n_epochs": 3, "training.progress_bar": False,
+        # pinned: the offline default changed to gain 1 at lr 5e-3 (commit 4d984c6) while this study ran; the runs
+        # planned at gain 10 / lr 2e-3 keep it, the ones that ran at the new default are the NEW group below
+        "method.init_gain": 10.0, "training.lr": 2.0e-3}
+NEW = {"method.init_gain": 1.0, "training.lr": 5.0e-3}  # the offline default since commit 4d984c6
 # the analysis: 7 grid points per path, every pair (6 for M = 4), the paths on 128 test samples
 ANALYZE = ["--points", "7", "--path-samples", "128", "--max-pairs", "10"]
 FULL_FT = {"training.lr": 1.0e-4}  # full fine-tuning (explicit, MC dropout): a 10x smaller lr, as compare_bbc_minilm
@@ -69,6 +73,11 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("std2-s0", {"method.init": "gaussian", "method.init_std": 2.0}),
     ("members16-s0", {"method.num_members": 16}),
     *_main(2),
+    # measured at the new default (gain 1, lr 5e-3): these ran as members2-s0, members8-s0, rank1-s0, rank32-s0
+    # and lora_ensemble-s1 after the config file changed under the study (renamed; their records say so)
+    ("new-members2-s0", {**NEW, "method.num_members": 2}), ("new-members8-s0", {**NEW, "method.num_members": 8}),
+    ("new-rank1-s0", {**NEW, "method.r": 1}), ("new-rank32-s0", {**NEW, "method.r": 32}),
+    ("new-lora_ensemble-s1", {**NEW, "seed": 1}),
 ]
 # the sweeps: knob, its values, and the run of each value (the base run, lora_ensemble-s0, is gain 10 / r 8 / M 4)
 SWEEPS = {
@@ -77,6 +86,10 @@ SWEEPS = {
     "members": ("method.num_members", [2, 4, 8, 16], ["members2-s0", "lora_ensemble-s0", "members8-s0",
                                                       "members16-s0"]),
     "init_std": ("method.init_std (gaussian A)", [0.02, 0.2, 2.0], ["std0.02-s0", "std0.2-s0", "std2-s0"]),
+    # at the new default (gain 1, lr 5e-3); its M = 4, r = 8 point is seed 1 (the others seed 0)
+    "new_rank": ("method.r (gain 1, lr 5e-3)", [1, 8, 32], ["new-rank1-s0", "new-lora_ensemble-s1", "new-rank32-s0"]),
+    "new_members": ("method.num_members (gain 1, lr 5e-3)", [2, 4, 8],
+                    ["new-members2-s0", "new-lora_ensemble-s1", "new-members8-s0"]),
 }
 
 
@@ -87,7 +100,8 @@ def run_config(overrides: dict[str, Any]):
     from lora_ensemble.app.run_config import parse_run_config
 
     raw = yaml.safe_load(CONFIG.read_text())
-    for key, value in {**SIZE, **overrides}.items():
+    pinned = {k: v for k, v in SIZE.items() if not (k.startswith("method.") and "method" in overrides)}
+    for key, value in {**pinned, **overrides}.items():
         if key in ("seed", "method"):
             raw[key] = value
             continue
