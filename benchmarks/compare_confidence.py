@@ -1,7 +1,6 @@
 """Per-method confidence diagnosis from a compare output folder: mean top-class confidence vs accuracy of the
 ensemble and of each member (test split, seed 0), and the validation ECE/NLL of every tuning trial."""
 import json, os, sys, glob
-import torch
 from safetensors.torch import load_file
 out = sys.argv[1]
 rows = {}

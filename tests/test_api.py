@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_ensemble import LoraEnsemble, LoraEnsembleConfig, member_cross_entropy
+from lora_ensemble import LoraEnsemble, member_cross_entropy
 from lora_ensemble.core.batch import MemberModule
 from lora_ensemble.core.ensemble import MemberOutput
 from lora_ensemble.methods import build_method

@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 
 from lora_ensemble.core.ensemble import LoraEnsemble
-from lora_ensemble.posterior import METHODS, LoraPosterior
+from lora_ensemble.posterior import POSTERIOR_METHODS, LoraPosterior
 
 
 class PosteriorCallback(L.Callback):
@@ -27,8 +27,8 @@ class PosteriorCallback(L.Callback):
 
     def __init__(self, method: str = "swag", rank: int = 5, start_epoch: int = 0, collect_every_n_steps: int = 0,
                  path: str | None = None, max_nll_increase: float = 0.003) -> None:
-        if method not in METHODS:
-            raise ValueError(f"unknown posterior method {method!r}; methods: {list(METHODS)}")
+        if method not in POSTERIOR_METHODS:
+            raise ValueError(f"unknown posterior method {method!r}; methods: {list(POSTERIOR_METHODS)}")
         for name, value in (("start_epoch", start_epoch), ("collect_every_n_steps", collect_every_n_steps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")

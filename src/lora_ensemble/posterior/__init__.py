@@ -10,8 +10,8 @@ frozen backbone.
 Imports only torch, safetensors and `lora_ensemble.core`, `io`, `losses`.
 """
 
-from lora_ensemble.posterior.posterior import METHODS, LoraPosterior
+from lora_ensemble.posterior.posterior import POSTERIOR_METHODS, LoraPosterior
 from lora_ensemble.posterior.shared import ensemble_like
 from lora_ensemble.posterior.tfb import TfbCalibration
 
-__all__ = ["METHODS", "LoraPosterior", "TfbCalibration", "ensemble_like"]
+__all__ = ["POSTERIOR_METHODS", "LoraPosterior", "TfbCalibration", "ensemble_like"]

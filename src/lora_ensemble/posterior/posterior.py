@@ -40,7 +40,7 @@ from lora_ensemble.posterior.shared import ensemble_like
 from lora_ensemble.posterior.swag import SwagMoments
 from lora_ensemble.posterior.tfb import TfbCalibration, calibration_noise, is_lora_A, rms_per_member, search_sigma
 
-METHODS = ("swag", "tfb")
+POSTERIOR_METHODS = ("swag", "tfb")
 POSTERIOR_CONFIG = "posterior_config.json"
 POSTERIOR_WEIGHTS = "posterior.safetensors"
 FORMAT_VERSION = 1
@@ -67,8 +67,8 @@ class LoraPosterior:
     def __init__(self, ensemble: LoraEnsemble, method: str = "swag", rank: int = 5):
         if not isinstance(ensemble, LoraEnsemble):
             raise TypeError(f"LoraPosterior needs a LoraEnsemble, got {type(ensemble).__name__}")
-        if method not in METHODS:
-            raise ValueError(f"unknown posterior method {method!r}; methods: {list(METHODS)}")
+        if method not in POSTERIOR_METHODS:
+            raise ValueError(f"unknown posterior method {method!r}; methods: {list(POSTERIOR_METHODS)}")
         if not _is_int(rank) or rank < 1:
             raise ValueError(f"rank (the number of SWAG deviations kept) must be an integer >= 1, got {rank!r}")
         self.ensemble, self.method, self.rank = ensemble, method, rank
