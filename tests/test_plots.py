@@ -85,8 +85,8 @@ def calibrated_case(confidence: float, accuracy: float, n: int = 200, c: int = 4
 def drawn_figure(monkeypatch, tmp_path, probs, labels):
     """The Figure that reliability_diagram hands to the PNG writer (and the PNG it wrote)."""
     figures = []
-    real_save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    real_save = plots.save_png
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: figures.append(fig) or real_save(fig, path))
     out = plots.reliability_diagram(probs, labels, tmp_path / "rel.png")
     assert_png(out)
     return figures[0]

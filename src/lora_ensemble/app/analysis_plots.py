@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_ensemble.app.plots import _new_figure, _save
+from lora_ensemble.app.plots import new_figure, save_png
 
 
 def _heatmap(ax: Any, matrix: Any, title: str, vmin: float | None = None, vmax: float | None = None) -> None:
@@ -28,15 +28,15 @@ def _heatmap(ax: Any, matrix: Any, title: str, vmin: float | None = None, vmax: 
 
 def disagreement_heatmap(matrix: Any, path: str | os.PathLike, title: str = "pairwise disagreement") -> Path:
     """(M, M) disagreement matrix as a heatmap."""
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     _heatmap(ax, matrix, title, vmin=0.0)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def diversity_accuracy_plane(points: Mapping[str, Sequence[Mapping[str, float]]], path: str | os.PathLike) -> Path:
     """Fort et al. 2019's plane: one dot per member pair (x = the pair's mean accuracy, y = disagreement /
     (1 - accuracy)), one colour per run or method (`points`: {label: the plane's points})."""
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     for label, pts in points.items():
         xs = [p["accuracy"] for p in pts if p["normalized_disagreement"] is not None]
         ys = [p["normalized_disagreement"] for p in pts if p["normalized_disagreement"] is not None]
@@ -45,13 +45,13 @@ def diversity_accuracy_plane(points: Mapping[str, Sequence[Mapping[str, float]]]
            title="diversity-accuracy plane (Fort et al. 2019)")
     ax.axhline(0.0, color="gray", linewidth=0.8)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def path_curves(curves: Mapping[str, Any], control: Mapping[str, Any] | None, path: str | os.PathLike) -> Path:
     """Loss (left) and accuracy (right) along every member pair's straight path, with the control (two snapshots
     of one member) dashed."""
-    fig, (ax_loss, ax_acc) = _new_figure(ncols=2)
+    fig, (ax_loss, ax_acc) = new_figure(ncols=2)
     alphas = curves["alphas"]
     for (i, j), loss, acc in zip(curves["pairs"], curves["loss"], curves["acc"]):
         ax_loss.plot(alphas, loss, marker=".", label=f"members {i}-{j}")
@@ -63,18 +63,18 @@ def path_curves(curves: Mapping[str, Any], control: Mapping[str, Any] | None, pa
     ax_loss.set(xlabel="a (0: member i, 1: member j)", ylabel="test NLL", title="loss along the path")
     ax_acc.set(xlabel="a", ylabel="accuracy", title="accuracy along the path")
     ax_loss.legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def cka_per_block(mean_cka: Mapping[str, float], path: str | os.PathLike) -> Path:
     """Mean linear CKA over member pairs at every adapted block, in order."""
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     blocks = list(mean_cka)
     ax.plot(range(len(blocks)), [mean_cka[b] for b in blocks], marker="o")
     ax.set_xticks(range(len(blocks)), blocks, rotation=45, ha="right", fontsize=7)
     ax.set(ylim=(min(0.9, min(mean_cka.values()) - 0.02) if mean_cka else 0, 1.005), ylabel="mean linear CKA over pairs",
            title="member representations per block")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def sweep(values: Sequence[Any], series: Mapping[str, Sequence[float | None]], knob: str,
@@ -82,7 +82,7 @@ def sweep(values: Sequence[Any], series: Mapping[str, Sequence[float | None]], k
     """One panel per metric of a sweep: mean (and the seeds' spread as error bars when series values are lists)
     against the knob's values."""
     names = list(series)
-    fig, axes = _new_figure(ncols=len(names), width=3.2, height=3.2)
+    fig, axes = new_figure(ncols=len(names), width=3.2, height=3.2)
     axes = np.atleast_1d(axes)
     x = np.arange(len(values))
     for ax, name in zip(axes, names):
@@ -93,4 +93,4 @@ def sweep(values: Sequence[Any], series: Mapping[str, Sequence[float | None]], k
         ax.errorbar(x, mean, yerr=err, marker="o", capsize=3)
         ax.set_xticks(x, [str(v) for v in values])
         ax.set(xlabel=knob, title=name)
-    return _save(fig, path)
+    return save_png(fig, path)

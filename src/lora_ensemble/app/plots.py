@@ -18,13 +18,13 @@ from lora_ensemble import metrics
 from lora_ensemble.io import atomic_write
 
 
-def _new_figure(ncols: int = 1, width: float = 5.0, height: float = 4.5) -> tuple[Figure, Any]:
+def new_figure(ncols: int = 1, width: float = 5.0, height: float = 4.5) -> tuple[Figure, Any]:
     fig = Figure(figsize=(width * ncols, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(1, ncols)
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def save_png(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` as PNG to ``path`` atomically; returns ``Path(path)``."""
     path = Path(path)
     with atomic_write(path, "wb") as fh:
@@ -77,7 +77,7 @@ def reliability_diagram(
     for x, w, c in zip(lower[filled], width[filled], count[filled]):
         ax_count.annotate(f"{int(c)}", (x + w / 2, c), ha="center", va="bottom", fontsize=7)
     ax_count.set(xlabel="confidence (max probability)", ylabel="count")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def risk_coverage_plot(
@@ -89,7 +89,7 @@ def risk_coverage_plot(
     """
     if not curves:
         raise ValueError("curves is empty; pass {name: (member_logits, labels)} with at least one method")
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     for name, pair in curves.items():
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"curves[{name!r}] must be a (member_logits, labels) pair, got {type(pair).__name__}")
@@ -100,7 +100,7 @@ def risk_coverage_plot(
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def uncertainty_histogram(
@@ -117,13 +117,13 @@ def uncertainty_histogram(
     s_in = np.asarray(_to_numpy(score_in), dtype=np.float64)
     s_out = np.asarray(_to_numpy(score_out), dtype=np.float64)
     edges = np.histogram_bin_edges(np.concatenate([s_in, s_out]), bins=bins)
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     ax.hist(s_in, bins=edges, density=True, alpha=0.5, color="tab:blue", label=f"in-distribution (n={len(s_in)})")
     ax.hist(s_out, bins=edges, density=True, alpha=0.5, color="tab:orange", label=f"OOD (n={len(s_out)})")
     ax.set(xlabel=score_name, ylabel="density")
     ax.set_title(f"{title + ' — ' if title else ''}{score_name}: AUROC = {result['auroc']:.4f}")
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def member_bars(member_logits: Any, labels: Any, path: str | os.PathLike, title: str | None = None) -> Path:
@@ -134,7 +134,7 @@ def member_bars(member_logits: Any, labels: Any, path: str | os.PathLike, title:
     m = len(per_member["acc"])
     names = [f"m{i}" for i in range(m)] + ["ensemble"]
     colors = ["tab:blue"] * m + ["tab:red"]
-    fig, axes = _new_figure(ncols=2, width=max(4.0, 0.5 * (m + 1) + 2.0))
+    fig, axes = new_figure(ncols=2, width=max(4.0, 0.5 * (m + 1) + 2.0))
     for ax, key, label in zip(axes, ("acc", "nll"), ("accuracy", "NLL (nats)")):
         values = per_member[key] + [ens[key]]
         ax.bar(names, values, color=colors, edgecolor="black")
@@ -144,7 +144,7 @@ def member_bars(member_logits: Any, labels: Any, path: str | os.PathLike, title:
         ax.legend()
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def reliability_grid(runs: Mapping[str, tuple[Any, Any]], path: str | os.PathLike, n_bins: int = 15) -> Path:
@@ -153,7 +153,7 @@ def reliability_grid(runs: Mapping[str, tuple[Any, Any]], path: str | os.PathLik
     diagonal, the ECE in the title and the bin counts as the bars' shade (darker = more samples)."""
     if not runs:
         raise ValueError("runs is empty; pass {name: (probs, labels)} with at least one method")
-    fig, axes = _new_figure(ncols=len(runs), width=3.0, height=3.4)
+    fig, axes = new_figure(ncols=len(runs), width=3.0, height=3.4)
     axes = np.atleast_1d(axes)
     for ax, (name, (probs, labels)) in zip(axes, runs.items()):
         bins = metrics.calibration_bins(probs, labels, n_bins)
@@ -168,7 +168,7 @@ def reliability_grid(runs: Mapping[str, tuple[Any, Any]], path: str | os.PathLik
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{name}\nECE {ece:.3f}")
     axes[0].set_ylabel("accuracy (bars); red: mean confidence")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def cost_plot(points: Mapping[str, tuple[float, float | None, float, float | None]], path: str | os.PathLike,
@@ -177,7 +177,7 @@ def cost_plot(points: Mapping[str, tuple[float, float | None, float, float | Non
     (half-widths of 95 % intervals; None: no bar), e.g. test NLL against training time or peak memory."""
     if not points:
         raise ValueError("points is empty; pass {name: (x, x_err, y, y_err)} with at least one method")
-    fig, ax = _new_figure(width=6.0)
+    fig, ax = new_figure(width=6.0)
     for name, (x, x_err, y, y_err) in points.items():
         ax.errorbar([x], [y], xerr=None if x_err is None else [x_err], yerr=None if y_err is None else [y_err],
                     fmt="o", capsize=4, label=name)
@@ -185,7 +185,7 @@ def cost_plot(points: Mapping[str, tuple[float, float | None, float, float | Non
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title or f"{ylabel} against {xlabel} (mean ± 95 % interval)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _to_numpy(x: Any) -> np.ndarray:
