@@ -246,11 +246,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def check_output_paths(args: argparse.Namespace) -> None:
+    """--plots must name a folder (or nothing yet) and --output a file, before any work starts."""
     if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
         raise ValueError(f"--plots {args.plots!r} is a file; name a folder for the figures")
     if args.output and os.path.isdir(args.output):
         raise ValueError(f"--output {args.output!r} is a folder; name the JSON file to write")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    check_output_paths(args)
     with quiet(args.verbose):
         from lora_ensemble.app.runner import load_run, make_trainer, test
         from lora_ensemble.app.tables import flat_row, markdown_table, write_figures
@@ -276,10 +281,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
-        raise ValueError(f"--plots {args.plots!r} is a file; name a folder for the figures")
-    if args.output and os.path.isdir(args.output):
-        raise ValueError(f"--output {args.output!r} is a folder; name the JSON file to write")
+    check_output_paths(args)
     from lora_ensemble.app.analyze import check_run_folder
 
     check_run_folder(args.checkpoint)
