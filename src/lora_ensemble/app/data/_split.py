@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Sequence
 
 import numpy as np
+
+from lora_ensemble.app.data.base import DatasetSplits, RawDataset
 
 
 def check_fraction(name: str, value: float) -> float:
@@ -60,3 +63,41 @@ def grouped_stratified_split(
         part_of_group[members] = j
     part_of_item = part_of_group[inverse.reshape(-1)]
     return [np.flatnonzero(part_of_item == j) for j in range(len(group_parts))]
+
+
+def per_class_text_splits(corpus: dict[str, list[tuple[str, str]]], class_names: list[str], all_classes: list[str],
+                          sizes: list[tuple[int, int, int]], ood_class: str | None, n_ood: int, seed: int,
+                          seed_offset: int, cut: Callable[[str], str]) -> DatasetSplits:
+    """Class-balanced text splits of a corpus `{class: [(id, text), ...]}` with one class held out as OOD.
+
+    Class k of `class_names` (label k) gives `sizes[k] = (n_test, n_val, n_train)` items, in that order, from its
+    items permuted with `default_rng([seed, seed_offset + all_classes.index(name)])`; the OOD split is the first
+    `n_ood` items of `ood_class` permuted the same way. Each split is then interleaved with
+    `default_rng([seed, seed_offset + 100 + j])`, j = 0 (ood), 1 (train), 2 (val), 3 (test). `cut` shortens a text.
+    The caller checks the sizes (with its own messages); the same arguments always give the same splits.
+    """
+    parts: dict[str, tuple[list, list, list]] = {split: ([], [], []) for split in ("train", "val", "test")}
+    for k, name in enumerate(class_names):
+        items = corpus[name]
+        order = np.random.default_rng([seed, seed_offset + all_classes.index(name)]).permutation(len(items))
+        stops = np.cumsum(sizes[k])
+        for split, (start, stop) in zip(("test", "val", "train"), ((0, stops[0]), (stops[0], stops[1]),
+                                                                   (stops[1], stops[2]))):
+            ids, texts, labels = parts[split]
+            for i in order[start:stop]:
+                ids.append(items[i][0])
+                texts.append(cut(items[i][1]))
+                labels.append(k)
+
+    def dataset(ids: list, texts: list, labels: list, j: int) -> RawDataset:
+        mixed = np.random.default_rng([seed, seed_offset + 100 + j]).permutation(len(labels))  # interleave classes
+        return RawDataset([texts[i] for i in mixed], [labels[i] for i in mixed], ids=[ids[i] for i in mixed])
+
+    ood = None
+    if ood_class is not None:
+        items = corpus[ood_class]
+        order = np.random.default_rng([seed, seed_offset + all_classes.index(ood_class)]).permutation(len(items))
+        order = order[:n_ood]
+        ood = dataset([items[i][0] for i in order], [cut(items[i][1]) for i in order], [-1] * n_ood, 0)
+    return DatasetSplits(train=dataset(*parts["train"], 1), val=dataset(*parts["val"], 2),
+                         test=dataset(*parts["test"], 3), class_names=class_names, modality="text", ood=ood)

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from lora_ensemble.app.data._io import read_text
-from lora_ensemble.app.data.base import DatasetSplits, RawDataset
+from lora_ensemble.app.data._split import per_class_text_splits
+from lora_ensemble.app.data.base import DatasetSplits
 
 BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
 LAYOUT = "<root>/{business,entertainment,politics,sports,tech}/*.txt (one article per file)"
@@ -128,8 +129,7 @@ def load_bbc_news(
     corpus = read_bbc_corpus(root)
     class_names = [name for name in BBC_CLASSES if name != ood_class]
     num_classes = len(class_names)
-    parts: dict[str, tuple[list, list, list]] = {split: ([], [], []) for split in ("train", "val", "test")}
-
+    sizes = []
     for k, name in enumerate(class_names):
         articles = corpus[name]
         n_test, n_val = _share(test_size, k, num_classes), _share(val_size, k, num_classes)
@@ -140,21 +140,8 @@ def load_bbc_news(
                 f"val_size={val_size}, test_size={test_size} need {n_train} + {n_val} + {n_test} of them per class "
                 f"({num_classes} classes); choose smaller sizes"
             )
-        order = np.random.default_rng([seed, BBC_CLASSES.index(name)]).permutation(len(articles))
-        stops = np.cumsum([n_test, n_val, n_train])
-        bounds = {"test": (0, stops[0]), "val": (stops[0], stops[1]), "train": (stops[1], stops[2])}
-        for split, (start, stop) in bounds.items():
-            ids, texts, labels = parts[split]
-            for i in order[start:stop]:
-                ids.append(articles[i][0])
-                texts.append(articles[i][1][:max_chars] if max_chars else articles[i][1])
-                labels.append(k)
-
-    def dataset(ids: list, texts: list, labels: list, shuffle_seed: list[int]) -> RawDataset:
-        mixed = np.random.default_rng(shuffle_seed).permutation(len(labels))  # interleave classes
-        return RawDataset([texts[i] for i in mixed], [labels[i] for i in mixed], ids=[ids[i] for i in mixed])
-
-    ood = None
+        sizes.append((n_test, n_val, n_train))
+    n_ood = 0
     if ood_class is not None:
         articles = corpus[ood_class]
         n_ood = min(test_size, len(articles)) if ood_size is None else ood_size
@@ -162,15 +149,5 @@ def load_bbc_news(
             raise ValueError(
                 f"ood_size={ood_size} but the held-out class {ood_class!r} has only {len(articles)} unique articles"
             )
-        order = np.random.default_rng([seed, BBC_CLASSES.index(ood_class)]).permutation(len(articles))[:n_ood]
-        texts = [articles[i][1][:max_chars] if max_chars else articles[i][1] for i in order]
-        ood = dataset([articles[i][0] for i in order], texts, [-1] * n_ood, [seed, 100])
-
-    return DatasetSplits(
-        train=dataset(*parts["train"], [seed, 101]),
-        val=dataset(*parts["val"], [seed, 102]),
-        test=dataset(*parts["test"], [seed, 103]),
-        class_names=class_names,
-        modality="text",
-        ood=ood,
-    )
+    return per_class_text_splits(corpus, class_names, list(BBC_CLASSES), sizes, ood_class, n_ood, seed, 0,
+                                 (lambda text: text[:max_chars]) if max_chars else (lambda text: text))

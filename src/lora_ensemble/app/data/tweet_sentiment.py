@@ -28,9 +28,8 @@ import importlib.util
 import io
 from pathlib import Path
 
-import numpy as np
-
-from lora_ensemble.app.data.base import DatasetSplits, RawDataset
+from lora_ensemble.app.data._split import per_class_text_splits
+from lora_ensemble.app.data.base import DatasetSplits
 from lora_ensemble.app.data.bbc_news import _check_size, _share
 
 TWEET_CLASSES = ("negative", "neutral", "positive")
@@ -121,36 +120,20 @@ def load_tweet_sentiment(
     corpus = read_tweet_corpus(path, min_confidence)
     class_names = [name for name in TWEET_CLASSES if name != ood_class]
     num_classes = len(class_names)
-    parts: dict[str, tuple[list, list, list]] = {split: ([], [], []) for split in ("train", "val", "test")}
-    cut = (lambda t: t[:max_chars]) if max_chars else (lambda t: t)
+    sizes = []
     for k, name in enumerate(class_names):
         tweets = corpus[name]
-        sizes = [_share(test_size, k, num_classes), _share(val_size, k, num_classes), _share(train_size, k, num_classes)]
-        if sum(sizes) > len(tweets):
+        n = (_share(test_size, k, num_classes), _share(val_size, k, num_classes), _share(train_size, k, num_classes))
+        if sum(n) > len(tweets):
             raise ValueError(f"tweet sentiment class {name!r} has {len(tweets)} tweets (min_confidence={min_confidence}), "
                              f"but train_size={train_size}, val_size={val_size}, test_size={test_size} need "
-                             f"{sizes[2]} + {sizes[1]} + {sizes[0]} of them; choose smaller sizes")
-        order = np.random.default_rng([seed, 1000 + TWEET_CLASSES.index(name)]).permutation(len(tweets))
-        stops = np.cumsum(sizes)
-        for split, (start, stop) in zip(("test", "val", "train"), ((0, stops[0]), (stops[0], stops[1]), (stops[1], stops[2]))):
-            ids, texts, labels = parts[split]
-            for i in order[start:stop]:
-                ids.append(tweets[i][0])
-                texts.append(cut(tweets[i][1]))
-                labels.append(k)
-
-    def dataset(ids: list, texts: list, labels: list, shuffle_seed: list[int]) -> RawDataset:
-        mixed = np.random.default_rng(shuffle_seed).permutation(len(labels))  # interleave classes
-        return RawDataset([texts[i] for i in mixed], [labels[i] for i in mixed], ids=[ids[i] for i in mixed])
-
-    ood = None
+                             f"{n[2]} + {n[1]} + {n[0]} of them; choose smaller sizes")
+        sizes.append(n)
+    n_ood = 0
     if ood_class is not None:
         tweets = corpus[ood_class]
         n_ood = min(test_size, len(tweets)) if ood_size is None else ood_size
         if n_ood > len(tweets):
             raise ValueError(f"ood_size={ood_size} but the held-out class {ood_class!r} has only {len(tweets)} tweets")
-        order = np.random.default_rng([seed, 1000 + TWEET_CLASSES.index(ood_class)]).permutation(len(tweets))[:n_ood]
-        ood = dataset([tweets[i][0] for i in order], [cut(tweets[i][1]) for i in order], [-1] * n_ood, [seed, 1100])
-
-    return DatasetSplits(train=dataset(*parts["train"], [seed, 1101]), val=dataset(*parts["val"], [seed, 1102]),
-                         test=dataset(*parts["test"], [seed, 1103]), class_names=class_names, modality="text", ood=ood)
+    return per_class_text_splits(corpus, class_names, list(TWEET_CLASSES), sizes, ood_class, n_ood, seed, 1000,
+                                 (lambda text: text[:max_chars]) if max_chars else (lambda text: text))
