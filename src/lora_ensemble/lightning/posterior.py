@@ -7,9 +7,12 @@ method="swag": `collect()` at the end of every training epoch e (0-based) with e
 epochs (steps that only accumulate gradients never collect). The moments travel in Lightning's checkpoints
 (`state_dict`), so a resumed run continues the same collection.
 method="tfb": nothing during training; at the end, `calibrate()` on the trainer's first validation loader
-(the anchor set) with `max_nll_increase`.
-At the end of training (`on_train_end`) the posterior is written to `path` (when given) by the main process,
-with `LoraPosterior.save_pretrained` (the ensemble as it is then, and the moments or sigma).
+(the anchor set; never the test split) with `max_nll_increase`.
+At the end of training (`on_train_end`), when the trainer has a `BestValidation` callback (early stopping),
+its best validation epoch's weights are put back first: TFB calibrates sigma around the weights that are
+then tested, and the saved ensemble is that epoch's (the same tensors as the run's model/weights.safetensors),
+not the last epoch's. Then the posterior is written to `path` (when given) by the main process, with
+`LoraPosterior.save_pretrained` (the ensemble, and the moments or sigma).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import lightning as L
 
 from lora_ensemble.core.ensemble import LoraEnsemble
+from lora_ensemble.lightning.callbacks import BestValidation
 from lora_ensemble.posterior import POSTERIOR_METHODS, LoraPosterior
 
 
@@ -75,6 +79,9 @@ class PosteriorCallback(L.Callback):
         post = self.posterior
         if post is None:
             return
+        best = next((c for c in trainer.callbacks if isinstance(c, BestValidation)), None)
+        if best is not None:  # the weights that will be tested (fit restores them too; restoring twice is a no-op)
+            best.restore(module)
         if self.method == "tfb":
             loaders = trainer.val_dataloaders
             loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
