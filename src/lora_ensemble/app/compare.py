@@ -22,6 +22,30 @@ Run (method m, seed index i) = the base config with `method.name = m`, minus the
 not take (LoRA's `r` for `single`), with `compare.m` merged on top, `seed = base seed + i`, progress bars off;
 it trains into `output_dir/m/seed<i>`. The data split is the same for every run (data options are not varied).
 
+Posterior rows (issue 15), named `<base>+<posterior>` with base a LoRA method (lora_ensemble, single_lora) and
+posterior swag or tfb: `lora_ensemble+swag`, `lora_ensemble+tfb`, `single_lora+swag` (SWAG-LoRA: the same code
+with M = 1), `single_lora+tfb`. Not in the default method list: name them in --methods. Such a row trains exactly
+like its base (the base's config, `compare.<row>` merged on top, the base's tuning space in a study of its own,
+`tuning.space.<row>` / `tuning.start.<row>`) with `training.posterior` set (`default_posterior`: SWAG rank 5,
+collected from epoch min(budget // 2, patience) four times an epoch; TFB calibrated at the end of training on the
+validation split, around the restored best epoch's weights), and is tested once on K draws per trained member
+(`app.posterior.evaluate_samples`): M * K members at test time, the "test members" column. Its options:
+
+    compare:
+      lora_ensemble+swag:
+        posterior: {samples: 16, member_chunk_size: 32}     # K (default 4; single_lora+*: 16), members per pass
+        training: {posterior: {rank: 10, collect_every_n_steps: 0}}   # over the defaults (0: at epoch ends)
+
+Its trials are scored (SWAG) by the validation NLL of the K-draw ensemble, a pass over M * K members on the
+validation split, cheap next to training; (TFB) by the trained members' validation NLL, since sigma is
+calibrated on that very split (the draws' validation NLL is the trained one plus at most about
+max_nll_increase by construction: no information to rank the settings by).
+
+Rows kept from an earlier compare: a compare into an output folder that holds an earlier compare's
+results.json keeps the rows it does not name (their run folders are not touched, only checked to still hold
+their test outputs): `--methods lora_ensemble+swag` into a finished comparison's folder trains only that row's
+runs, and the tables, the paired bootstrap and the figures hold every row.
+
 Before any training: unknown method names are refused (listing the known ones), every run config is
 validated, and each method is built once on the model; a method that cannot be built (e.g. mc_dropout on a
 model without dropout) is not run and its row says why. A run that fails later gets a row with its error.
@@ -35,12 +59,14 @@ keeps one run's crash or out-of-memory kill away from the others. `isolate=False
 
 Output folder:
     results.md, results.csv    the tuning table; one row per method, mean ± 95 % interval over seeds (csv: mean, std,
-                               ci95); a failed run adds a row with its error; the paired bootstrap table
+                               ci95); a failed run adds a row with its error; the paired bootstrap table (every row)
     tuning.db                  the Optuna studies (unless --storage); tuning/<method>/trial<k>/ the trials' folders
     results.json               every run's full results and config, the aggregate, the command
     figures/                   `report.write_figures` of seed 0: all methods on shared axes; reliability_all.png (the
                                reliability diagrams side by side), nll_vs_train_time.png, nll_vs_memory.png
-    <method>/seed<i>/          the run folder (see `runner`) + test_outputs.safetensors, compare_run.json, log.txt
+    <method>/seed<i>/          the run folder (see `runner`) + test_outputs.safetensors, compare_run.json, log.txt;
+                               a posterior row's also posterior/, evaluation_samples_<K>.json (the K-draw test metrics;
+                               results.json keeps the trained members'), compare_posterior.json (its samples, chunks)
 """
 
 from __future__ import annotations
@@ -65,20 +91,31 @@ import yaml
 
 import lora_ensemble
 from lora_ensemble.app.run_config import ConfigError, RunConfig, apply_overrides, parse_run_config
+from lora_ensemble.app.tuning import POSTERIOR_BASES
 from lora_ensemble.io import atomic_write_bytes
 from lora_ensemble.methods import METHODS, accepts_option
 from lora_ensemble.methods.lora import CONFIG_FIELDS as LORA_FIELDS
+from lora_ensemble.posterior.posterior import POSTERIOR_METHODS
 
 OUTPUTS_FILE = "test_outputs.safetensors"
 STATUS_FILE = "compare_run.json"
+POSTERIOR_FILE = "compare_posterior.json"  # a posterior row's `posterior_options`, for the run's own process
 LOG_FILE = "log.txt"
+
+# posterior rows `<base>+<posterior>` (issue 15): a LoRA method trained with training.posterior, tested on K draws
+# per trained member
+POSTERIOR_ROWS = tuple(f"{base}+{post}" for base in POSTERIOR_BASES for post in POSTERIOR_METHODS)
+ROWS = (*METHODS, *POSTERIOR_ROWS)  # every row name compare takes
+DEFAULT_SAMPLES = {"single_lora": 16}  # K per trained member at test time; else 4 (single_lora+swag: 16 members)
+ROW_OPTIONS = ("samples", "member_chunk_size")  # compare.<row>.posterior keys
 
 # (column title, key in an aggregate row, format); rows hold (mean, std) tuples over seeds
 COLUMNS = [
     ("acc", "acc", ".3f"), ("F1", "f1", ".3f"), ("ECE", "ece", ".3f"), ("NLL", "nll", ".3f"),
     ("Brier", "brier", ".3f"), ("OOD AUROC (entropy)", "ood/auroc_entropy", ".3f"),
     ("OOD AUROC (MI)", "ood/auroc_mi", ".3f"), ("AURC", "sc/aurc", ".3f"),
-    ("disagreement", "div/disagreement", ".3f"), ("trainable params", "trainable_parameters", ",.0f"),
+    ("disagreement", "div/disagreement", ".3f"), ("test members", "test_members", ".0f"),
+    ("trainable params", "trainable_parameters", ",.0f"),
     ("params in memory", "total_parameters", ",.0f"), ("train s", "train_time_s", ".1f"),
     ("infer ms/sample", "inference_ms_per_sample", ".2f"), ("peak MB", "peak_memory_mb", ".0f"),
     ("epochs", "epochs_run", ".1f"), ("best epoch", "best_epoch", ".1f"), ("seeds", "seeds", "s"),
@@ -86,6 +123,68 @@ COLUMNS = [
 
 
 # ---- configs --------------------------------------------------------------------------------------------
+def split_row(name: str) -> tuple[str, str | None]:
+    """(method, posterior method or None) of a row name: 'lora_ensemble+swag' -> ('lora_ensemble', 'swag')."""
+    base, plus, post = name.partition("+")
+    return (base, post) if plus else (name, None)
+
+
+def check_rows(names: list[str], where: str = "") -> None:
+    """ConfigError (one line, listing the valid row names) for any name that is not a row of compare."""
+    unknown = [n for n in names if n not in ROWS]
+    if not unknown:
+        return
+    posterior = [n for n in unknown if "+" in n]
+    why = ""
+    if posterior:
+        base, post = split_row(posterior[0])
+        why = (f" ({base!r} is not a LoRA method: posterior rows are over {list(POSTERIOR_BASES)})"
+               if base not in POSTERIOR_BASES
+               else f" (unknown posterior {post!r}; posteriors: {list(POSTERIOR_METHODS)})")
+    raise ConfigError(f"{where}unknown method(s) {unknown}{why}; known methods: {sorted(METHODS)}; "
+                      f"posterior rows: {list(POSTERIOR_ROWS)}")
+
+
+def posterior_options(per_method: dict, row: str) -> dict[str, Any]:
+    """{'method', 'samples' (K per trained member), 'member_chunk_size' (None: all members in one pass)} of a
+    posterior row, from `compare.<row>.posterior`; {} for a plain method."""
+    base, post = split_row(row)
+    if post is None:
+        return {}
+    given = dict((per_method.get(row) or {}).get("posterior") or {})
+    out = {"method": post, "samples": given.get("samples", DEFAULT_SAMPLES.get(base, 4)),
+           "member_chunk_size": given.get("member_chunk_size")}
+    for key, low in (("samples", 1), ("member_chunk_size", 1)):
+        value = out[key]
+        bad = not isinstance(value, int) or isinstance(value, bool) or value < low
+        if bad and (value is not None or key == "samples"):  # member_chunk_size None: all members at once
+            raise ConfigError(f"compare.{row}.posterior.{key} must be an integer >= {low}, got {value!r}")
+    return out
+
+
+def default_posterior(config: RunConfig, method: str) -> dict[str, Any]:
+    """training.posterior of a posterior row when compare.<row>.training.posterior does not set it.
+
+    swag: rank 5; collection from epoch s = budget // 2 (0-based: the last half of the epoch budget), or
+    s = min(budget // 2, patience) under early stopping, which runs at least patience + 1 epochs, so epoch s
+    always runs and the collection is never empty (budget 4, patience 1: epochs 1-3, i.e. after one warm
+    epoch); every n = max(1, steps_per_epoch // 4) optimizer steps (four snapshots an epoch: 8-12 for rank 5
+    on the default budget) when `data.train_size` fixes the steps per epoch, else at every epoch end.
+    tfb: nothing to set (calibrated on the validation split at the end of training, max_nll_increase 0.003)."""
+    if method == "tfb":
+        return {"method": "tfb"}
+    t = config.training
+    start = t.epoch_budget // 2
+    if t.early_stopping_patience is not None:
+        start = min(start, t.early_stopping_patience)
+    every = 0
+    train_size = config.data.options.get("train_size")
+    if isinstance(train_size, int) and not isinstance(train_size, bool) and train_size > 0:
+        steps = -(-(-(-train_size // config.data.batch_size)) // t.accumulate_grad_batches)
+        every = max(1, steps // 4)
+    return {"method": "swag", "rank": 5, "start_epoch": start, "collect_every_n_steps": every}
+
+
 def read_compare_config(path: str | os.PathLike, overrides: list[str] | None = None,
                         with_tuning: bool = False) -> tuple[dict, dict] | tuple[dict, dict, Any]:
     """(base run config as a dict, per-method overrides[, the raw `tuning:` section]) from a YAML file;
@@ -105,11 +204,19 @@ def read_compare_config(path: str | os.PathLike, overrides: list[str] | None = N
     if not isinstance(per_method, dict):
         raise ConfigError(f"compare: expected a mapping of method name -> overrides, got {per_method!r}")
     for name, section in per_method.items():
-        if name not in METHODS:
-            raise ConfigError(f"compare.{name}: unknown method; known methods: {sorted(METHODS)}")
+        check_rows([name], where=f"compare.{name}: ")
         if not isinstance(section, dict) or "name" in (section.get("method") or {}):
             raise ConfigError(f"compare.{name}: expected a partial run config (e.g. {{training: {{lr: 1e-4}}}}) "
                               f"that does not change method.name, got {section!r}")
+        if "posterior" in section:
+            if split_row(name)[1] is None:
+                raise ConfigError(f"compare.{name}.posterior: only posterior rows ({list(POSTERIOR_ROWS)}) take it")
+            extra = sorted(set(section["posterior"] or {}) - set(ROW_OPTIONS)) if isinstance(
+                section["posterior"] or {}, dict) else [section["posterior"]]
+            if extra:
+                raise ConfigError(f"compare.{name}.posterior: unknown key(s) {extra}; known keys: {list(ROW_OPTIONS)} "
+                                  "(the posterior's own settings go in compare.<row>.training.posterior)")
+            posterior_options(per_method, name)
     parse_run_config(copy.deepcopy(data))  # the base must be valid on its own
     return (data, per_method, tuning) if with_tuning else (data, per_method)
 
@@ -141,8 +248,13 @@ def _merge(base: dict, extra: dict) -> dict:
 def method_config(base: dict, per_method: dict, method: str, seed_index: int,
                   params: dict[str, Any] | None = None) -> tuple[RunConfig, list[str]]:
     """The run config of (method, seed index) and the base method options dropped for it; `params` (tuned
-    values, see `tuning.PARAMETERS`) are set last."""
-    extra = copy.deepcopy(per_method.get(method) or {})
+    values, see `tuning.PARAMETERS`) are set last. A posterior row `<base>+<posterior>` gets `<base>`'s
+    config with `compare.<row>` merged on top and `training.posterior` = `default_posterior` updated with
+    `compare.<row>.training.posterior`."""
+    row, (method, posterior) = method, split_row(method)
+    extra = copy.deepcopy(per_method.get(row) or {})
+    extra.pop("posterior", None)  # compare's own keys (samples, member_chunk_size), not the run's
+    given_posterior = (extra.get("training") or {}).pop("posterior", None)
     base_options = {k: v for k, v in (base.get("method") or {}).items() if k != "name"}
     flags = {**base_options, **(extra.get("method") or {})}
     dropped = sorted(k for k in base_options if not takes_option(method, k, flags))
@@ -156,9 +268,17 @@ def method_config(base: dict, per_method: dict, method: str, seed_index: int,
     raw["seed"] = int(raw.get("seed", 0)) + seed_index
     raw.setdefault("training", {})["progress_bar"] = False
     try:
+        if posterior is not None:
+            raw["training"].pop("posterior", None)
+            given = given_posterior or {}
+            if not isinstance(given, dict) or given.get("method", posterior) != posterior:
+                raise ConfigError(f"training.posterior: the row {row!r} sets method {posterior!r}; "
+                                  f"got {given_posterior!r}")
+            raw["training"]["posterior"] = {**default_posterior(parse_run_config(copy.deepcopy(raw)), posterior),
+                                            **given}
         return parse_run_config(raw), dropped
     except ConfigError as e:
-        raise ConfigError(f"{method}: {e}") from None
+        raise ConfigError(f"{row}: {e}") from None
 
 
 # ---- one run ----------------------------------------------------------------------------------------------
@@ -169,10 +289,18 @@ def _error_line(e: BaseException) -> str:
     return first if isinstance(e, ConfigError) and first else f"{type(e).__name__}: {first}".strip()
 
 
-def train_one(config: RunConfig, run_dir: str, evaluate_test: bool = True) -> dict[str, Any]:
+def train_one(config: RunConfig, run_dir: str, evaluate_test: bool = True,
+              posterior: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one run into `run_dir`, save its test outputs; never raises: returns {'status': 'ok', 'results'}
     or {'status': 'failed', 'error' (first line), 'traceback'}. `evaluate_test=False` (a tuning trial):
-    validation only, the test split is never loaded into a loader."""
+    validation only, the test split is never loaded into a loader.
+
+    `posterior` (a posterior row: `posterior_options`): the test metrics and the saved test outputs are
+    those of K = posterior['samples'] draws per trained member (`app.posterior.evaluate_samples`, the
+    members `member_chunk_size` at a time), M * K members; the trained members' test metrics stay in
+    results['trained_members_metrics'] (and the run's results.json), the sampled ones are also written to
+    run_dir/evaluation_samples_K.json. In a SWAG trial the score `best_val_nll` is the validation NLL of the
+    K-draw ensemble (its best-epoch trained members' score is kept as `trained_best_val_nll`)."""
     from safetensors.torch import save_file
 
     from lora_ensemble.app.runner import fit
@@ -180,7 +308,18 @@ def train_one(config: RunConfig, run_dir: str, evaluate_test: bool = True) -> di
     try:
         results, run = fit(config, run_dir, overwrite=True, evaluate_test=evaluate_test)
         if not evaluate_test:
+            if posterior and posterior["method"] == "swag":
+                results = {**results, "trained_best_val_nll": results.get("best_val_nll"),
+                           "best_val_nll": _sampled_val_nll(run, run_dir, posterior)}
             return {"status": "ok", "results": results}
+        if posterior:
+            from lora_ensemble.app.posterior import evaluate_samples
+
+            sampled = evaluate_samples(run, run_dir, posterior["samples"], posterior["member_chunk_size"])
+            atomic_write_bytes(os.path.join(run_dir, f"evaluation_samples_{posterior['samples']}.json"),
+                               json.dumps(sampled, indent=2).encode())
+            results = {**results, **sampled, "trained_members_metrics": results["metrics"],
+                       "trained_members_inference_time_per_sample_s": results["inference_time_per_sample_s"]}
         logits, labels, ood = run.module.last_outputs["test"]
         tensors = {"member_logits": logits.contiguous(), "labels": labels.contiguous()}
         if ood is not None:
@@ -191,9 +330,21 @@ def train_one(config: RunConfig, run_dir: str, evaluate_test: bool = True) -> di
         return {"status": "failed", "error": _error_line(e), "traceback": traceback.format_exc()}
 
 
+def _sampled_val_nll(run: Any, run_dir: str, posterior: dict[str, Any]) -> float:
+    """NLL on the validation split of the predictive of K draws per trained member (M * K members, logits /
+    the run's temperature): -1/N sum_i log (1/(MK) sum_j softmax(z_ji)[y_i])."""
+    from lora_ensemble.app.posterior import load_posterior
+    from lora_ensemble.metrics import evaluate
+
+    post = load_posterior(run, run_dir)
+    logits, labels = post.member_logits(run.loader("val"), posterior["samples"], seed=run.config.seed,
+                                        member_chunk_size=posterior["member_chunk_size"])
+    return float(evaluate(logits / run.module.temperature, labels, None, n_bins=run.module.n_bins)["nll"])
+
+
 def _child_main(run_dir: str, evaluate_test: bool = True) -> int:
     """`python -m lora_ensemble.app.compare --one RUN_DIR [--trial]`: train RUN_DIR/run_config.yaml, write
-    compare_run.json (`--trial`: validation only)."""
+    compare_run.json (`--trial`: validation only); a posterior row's options are in RUN_DIR/compare_posterior.json."""
     import torch
 
     from lora_ensemble.app.run_config import load_run_config
@@ -204,7 +355,11 @@ def _child_main(run_dir: str, evaluate_test: bool = True) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
-        status = train_one(load_run_config(os.path.join(run_dir, CONFIG_FILE)), run_dir, evaluate_test)
+        posterior = None
+        if os.path.isfile(os.path.join(run_dir, POSTERIOR_FILE)):
+            with open(os.path.join(run_dir, POSTERIOR_FILE), encoding="utf-8") as f:
+                posterior = json.load(f)
+        status = train_one(load_run_config(os.path.join(run_dir, CONFIG_FILE)), run_dir, evaluate_test, posterior)
     except ConfigError as e:
         status = {"status": "failed", "error": _error_line(e), "traceback": traceback.format_exc()}
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -224,7 +379,8 @@ def _rss_now() -> int | None:
         return None
 
 
-def run_isolated(config: RunConfig, run_dir: str, evaluate_test: bool = True) -> dict[str, Any]:
+def run_isolated(config: RunConfig, run_dir: str, evaluate_test: bool = True,
+                 posterior: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train in a fresh Python process; its output goes to run_dir/log.txt."""
     from lora_ensemble.app.runner import CONFIG_FILE
 
@@ -232,6 +388,11 @@ def run_isolated(config: RunConfig, run_dir: str, evaluate_test: bool = True) ->
     status_path = os.path.join(run_dir, STATUS_FILE)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(status_path)  # never read a previous compare's result
+    if posterior:
+        atomic_write_bytes(os.path.join(run_dir, POSTERIOR_FILE), json.dumps(posterior).encode())
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(run_dir, POSTERIOR_FILE))
     atomic_write_bytes(os.path.join(run_dir, CONFIG_FILE), yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     src = os.path.dirname(os.path.dirname(os.path.abspath(lora_ensemble.__file__)))  # the folder that holds the package
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
@@ -248,14 +409,16 @@ def run_isolated(config: RunConfig, run_dir: str, evaluate_test: bool = True) ->
     return {"status": "failed", "error": f"the run process ended without a result ({why}); see {run_dir}/{LOG_FILE}"}
 
 
-def run_in_process(config: RunConfig, run_dir: str, evaluate_test: bool = True) -> dict[str, Any]:
+def run_in_process(config: RunConfig, run_dir: str, evaluate_test: bool = True,
+                   posterior: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train in this process; peak memory only on CUDA (this process's RSS high-water mark is not the run's)."""
     import torch
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    return {**train_one(config, run_dir, evaluate_test), "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+    extra = {"posterior": posterior} if posterior else {}  # a plain method's call is as it always was
+    return {**train_one(config, run_dir, evaluate_test, **extra), "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
 def preflight(config: RunConfig) -> str | None:
@@ -285,7 +448,24 @@ def _scalars(status: dict[str, Any]) -> dict[str, float]:
     for key in ("epochs_run", "best_epoch"):
         if status["results"].get(key) is not None:
             row[key] = status["results"][key]
+    members = status["results"].get("members") or _test_members(status.get("run_dir"))
+    if members is not None:
+        row["test_members"] = members
     return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _test_members(run_dir: str | None) -> int | None:
+    """Members of a run's saved test outputs (member_logits (M, N, C): M, read from the file's header)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(run_dir, OUTPUTS_FILE) if run_dir else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            return int(f.get_slice("member_logits").get_shape()[0])
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -401,13 +581,15 @@ def tuning_table(tuned: dict[str, dict[str, Any]]) -> str:
 
 
 # ---- the comparison ------------------------------------------------------------------------------------------
-def run_trial(config: RunConfig, run_dir: str, isolate: bool) -> dict[str, Any]:
+def run_trial(config: RunConfig, run_dir: str, isolate: bool, posterior: dict[str, Any] | None = None) -> dict[str, Any]:
     """One tuning trial: train on the training split, validation only (no test loader is built)."""
-    return run_isolated(config, run_dir, evaluate_test=False) if isolate else run_in_process(config, run_dir, False)
+    return (run_isolated(config, run_dir, False, posterior) if isolate
+            else run_in_process(config, run_dir, False, posterior))
 
 
-def _finished_run(config: RunConfig, run_dir: str) -> dict[str, Any] | None:
-    """The result of an earlier compare's run in run_dir with this very config (a rerun resumes), else None."""
+def _finished_run(config: RunConfig, run_dir: str, posterior: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The result of an earlier compare's run in run_dir with this very config (and, for a posterior row,
+    the same samples and member chunks) (a rerun resumes), else None."""
     from lora_ensemble.app.runner import CONFIG_FILE
 
     status_path, saved = os.path.join(run_dir, STATUS_FILE), os.path.join(run_dir, CONFIG_FILE)
@@ -420,6 +602,10 @@ def _finished_run(config: RunConfig, run_dir: str) -> dict[str, Any] | None:
             same = yaml.safe_load(f) == config.to_dict()
     except (OSError, ValueError, yaml.YAMLError):
         return None
+    if posterior:
+        res = status.get("results") or {}
+        same = same and res.get("samples") == posterior["samples"] \
+            and res.get("member_chunk_size") == posterior["member_chunk_size"]
     return status if same and status.get("status") == "ok" else None
 
 
@@ -428,14 +614,14 @@ def run_compare(config_path: str, methods: list[str] | None = None, seeds: int =
                 storage: str | None = None, jobs: int = 1) -> dict[str, Any]:
     """Tune (when the config has a `tuning:` section or `trials` > 0), train every (method, seed) of the
     config, write results.md/.csv/.json and figures into `output_dir`; returns what results.json holds.
-    `methods=None` means every registered method. A rerun of the same command resumes: finished trials and
-    finished final runs (same config) are kept."""
+    `methods=None` means every registered method (posterior rows only when named). A rerun of the same
+    command resumes: finished trials and finished final runs (same config) are kept. Rows of an earlier
+    compare into the same `output_dir` (its results.json) that this call does not name are kept in the
+    tables as they are (their runs not rerun, only checked to be still there: `_earlier_rows`)."""
     from lora_ensemble.app.tuning import default_storage, format_params, parse_tuning, tune_method
 
     methods = list(methods) if methods else list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; known methods: {sorted(METHODS)}")
+    check_rows(methods)
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds must be an integer >= 1, got {seeds!r}")
     if not isinstance(jobs, int) or jobs < 1:
@@ -446,6 +632,7 @@ def run_compare(config_path: str, methods: list[str] | None = None, seeds: int =
     base, per_method, tuning_section = read_compare_config(config_path, overrides, with_tuning=True)
     tuning = parse_tuning(tuning_section, methods, trials)
     configs = {m: [method_config(base, per_method, m, i) for i in range(seeds)] for m in methods}
+    row_posterior = {m: posterior_options(per_method, m) or None for m in methods}
     if tuning is not None:  # every trial's config must be valid too: check the range ends before anything trains
         for m in methods:
             for corner in ("low", "high"):
@@ -469,7 +656,13 @@ def run_compare(config_path: str, methods: list[str] | None = None, seeds: int =
     }
     start = time.perf_counter()
     log = lambda text: print(text, flush=True)  # noqa: E731
-    runs: dict[str, list[dict[str, Any] | None]] = {m: [None] * seeds for m in methods}
+    earlier_runs, earlier_configs, earlier_tuning = _earlier_rows(output_dir, methods)
+    if earlier_runs:
+        summary["earlier_rows"] = list(earlier_runs)
+        summary["tuning"].update(earlier_tuning)
+        log(f"kept from the earlier compare in {output_dir}: {', '.join(earlier_runs)}")
+    configs = {**earlier_configs, **configs}  # earlier rows first in the tables, as they were
+    runs: dict[str, list[dict[str, Any] | None]] = {**earlier_runs, **{m: [None] * seeds for m in methods}}
     for method in methods:  # build each method once before any training
         config, dropped = configs[method][0]
         note = f" (dropped method options {dropped}: not taken by {method})" if dropped else ""
@@ -492,7 +685,8 @@ def run_compare(config_path: str, methods: list[str] | None = None, seeds: int =
         if tuning is not None:
             def trial(params: dict[str, Any], number: int, method: str = method) -> dict[str, Any]:
                 config, _ = method_config(base, per_method, method, 0, params)
-                return run_trial(config, os.path.join(output_dir, "tuning", method, f"trial{number}"), isolate)
+                return run_trial(config, os.path.join(output_dir, "tuning", method, f"trial{number}"), isolate,
+                                 row_posterior[method])
 
             fingerprint = {"search space": {k: r.to_dict() for k, r in tuning.space[method].items()},
                            "run config": configs[method][0][0].to_dict()}
@@ -513,17 +707,19 @@ def run_compare(config_path: str, methods: list[str] | None = None, seeds: int =
             config, _ = configs[method][i]
             run_dir = os.path.join(output_dir, method, f"seed{i}")
             t0 = time.perf_counter()
-            status = _finished_run(config, run_dir)
+            status = _finished_run(config, run_dir, row_posterior[method])
             resumed = status is not None
             if status is None:
-                status = run_isolated(config, run_dir) if isolate else run_in_process(config, run_dir)
+                status = (run_isolated(config, run_dir, posterior=row_posterior[method]) if isolate
+                          else run_in_process(config, run_dir, posterior=row_posterior[method]))
                 status.update(run_dir=run_dir, seed=config.seed, wall_time_s=time.perf_counter() - t0)
             runs[method][i] = status
             if status["status"] == "ok":
                 res = status["results"]
                 m = res["metrics"]
                 epochs = f", epochs {res.get('epochs_run')}" + (f" (best {res['best_epoch']})" if res.get("best_epoch") else "")
-                done = f"test NLL {m['nll']:.4f}, ECE {m['ece']:.3f}, acc {m['acc']:.3f}{epochs}"
+                members = f", {res['members']} test members" if res.get("members") else ""  # a posterior row
+                done = f"test NLL {m['nll']:.4f}, ECE {m['ece']:.3f}, acc {m['acc']:.3f}{epochs}{members}"
             else:
                 done = f"FAILED: {status['error']}"
             log(f"[{n}/{total}] {method} seed{i}: {status['wall_time_s']:.0f} s{' (finished before)' if resumed else ''}, {done}")
@@ -537,6 +733,50 @@ def run_compare(config_path: str, methods: list[str] | None = None, seeds: int =
     log(f"\nwrote results.md, results.csv, results.json and {len(summary['figures'])} figures to {output_dir}/ "
         f"in {summary['total_time_s'] / 60:.1f} min")
     return summary
+
+
+def _outputs_of(config: RunConfig, run_dir: str | None) -> bool:
+    """Whether run_dir holds the test outputs of a run trained with this very config (its run_config.yaml)."""
+    from lora_ensemble.app.runner import CONFIG_FILE
+
+    if not run_dir or not os.path.isfile(os.path.join(run_dir, OUTPUTS_FILE)):
+        return False
+    try:
+        with open(os.path.join(run_dir, CONFIG_FILE), encoding="utf-8") as f:
+            return yaml.safe_load(f) == config.to_dict()
+    except (OSError, yaml.YAMLError):
+        return False
+
+
+def _earlier_rows(output_dir: str, methods: list[str]) -> tuple[dict[str, list], dict[str, list], dict[str, Any]]:
+    """(runs, configs, tuning) of the rows of an earlier compare into `output_dir` (its results.json) that
+    `methods` does not name, with their recorded results: a finished run is kept when its folder still holds
+    its test outputs and its recorded config (`_outputs_of`), a failed run with its recorded error. ({}, {}, {})
+    when there is no readable results.json."""
+    try:
+        with open(os.path.join(output_dir, "results.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}, {}, {}
+    runs: dict[str, list] = {}
+    configs: dict[str, list] = {}
+    for row, row_runs in (saved.get("runs") or {}).items():
+        if row in methods or row not in ROWS or not isinstance(row_runs, list):
+            continue
+        kept, kept_configs = [], []
+        for r in row_runs:
+            try:
+                config = parse_run_config(copy.deepcopy(r["config"]))
+            except (ConfigError, KeyError, TypeError, ValueError):
+                continue
+            if r.get("status") == "ok" and not _outputs_of(config, r.get("run_dir")):
+                continue  # its folder no longer holds that run's outputs
+            kept.append({k: v for k, v in r.items() if k != "config"})
+            kept_configs.append((config, []))
+        if kept:
+            runs[row], configs[row] = kept, kept_configs
+    tuning = {row: t for row, t in (saved.get("tuning") or {}).items() if row in runs}
+    return runs, configs, tuning
 
 
 def _write_tables(output_dir: str, summary: dict[str, Any], runs: dict[str, list], configs: dict) -> str:

@@ -9,13 +9,15 @@ A compare config may hold a `tuning:` section (its absence, or `--trials 0`, ski
         lora_ensemble: {lr: [1.0e-3, 1.0e-2], init_gain: [1.0, 10.0]}
       start:                    # settings every study tries first (Optuna's enqueue_trial), per method
         lora_ensemble: [{lr: 2.0e-3, init_gain: 10.0}]
+        lora_ensemble+swag: [{lr: 2.0e-3, init_gain: 10.0}]   # a posterior row: its base's space, its own study
 
 Parameters (PARAMETERS): `lr` -> training.lr (log scale), `init_gain` -> method.init_gain (LoRA's Xavier gain,
 log), `init_std` -> method.init_std (BatchEnsemble's fast-weight spread, log), `dropout` -> method.dropout and
 method.attention_dropout (MC dropout's rate, linear), `cycles` -> method.cycles (snapshot's cycle count, integer).
 
 A trial trains (method, seed index 0) with the sampled values on the training split and is scored by its
-validation NLL (the lowest of its epochs under early stopping, whose weights it keeps); the test split's loader
+validation NLL (the lowest of its epochs under early stopping, whose weights it keeps; a `<base>+swag` row: the
+validation NLL of its K draws per member around those weights, see `compare.train_one`); the test split's loader
 is never built in a trial (`runner.fit(evaluate_test=False)`). The trial with the lowest score is the method's
 setting for the final runs. Trials that fail are recorded as failed trials (and shown) and do not count.
 
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_ensemble.app.run_config import ConfigError
+from lora_ensemble.posterior.posterior import POSTERIOR_METHODS
 
 # name -> (config keys it sets, value type, log scale)
 PARAMETERS: dict[str, tuple[tuple[str, ...], type, bool]] = {
@@ -58,6 +61,12 @@ DEFAULT_SPACE: dict[str, dict[str, tuple[float, float]]] = {
     "lora_ensemble": {"lr": (5e-4, 1e-2), "init_gain": (0.5, 20.0)},
     "batch_ensemble": {"lr": (5e-4, 2e-2), "init_std": (0.01, 0.3)},
 }
+# a posterior row `<base>+<posterior>` of compare (issue 15) trains like its base and is tuned over the same space,
+# in a study of its own; its score is documented at `compare.train_one` (SWAG: the validation NLL of its K draws
+# per member; TFB: the trained members' validation NLL, since sigma is calibrated on that very split)
+POSTERIOR_BASES = ("lora_ensemble", "single_lora")
+DEFAULT_SPACE.update({f"{base}+{post}": dict(DEFAULT_SPACE[base]) for base in POSTERIOR_BASES
+                      for post in POSTERIOR_METHODS})
 DEFAULT_TRIALS = 4
 
 
