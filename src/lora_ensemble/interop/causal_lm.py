@@ -16,7 +16,14 @@ adapters only:
     ens(input_ids=ids, attention_mask=mask)                     # (M, B, 2)
 
 Multiple choice: `choice_log_likelihoods(ens, input_ids, attention_mask, choice_mask)` scores every choice by
-its summed token log-likelihood under each member, (M, B, K), usable as member logits over the K choices.
+its summed token log-likelihood under each member, (M, B, K), usable as member logits over the K choices, from
+one (B*K, T) row per (question, choice). `CausalLMChoiceScorer(causal_lm, num_choices)` computes the same scores
+as a classifier, (B, K) per member, from one packed row per question ([question][choice 0]...[choice K-1], each
+choice attending to the question and to itself only), so the question runs once for all K choices and a shared
+trunk / trunk cache work as for any classifier:
+
+    ens = LoraEnsemble(CausalLMChoiceScorer(llama, num_choices=4), num_members=4)
+    ens(input_ids=packed, segment_ids=segments)                 # (M, B, 4)
 """
 
 from __future__ import annotations
@@ -147,6 +154,110 @@ class CausalLMClassifier(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
         return self.classifier(pool_rows(h, attention_mask, self.pooling))  # (B, C); (M*B, C) with a shared trunk
+
+
+CHOICE_SCORES = ("sum", "mean")
+
+
+def packed_positions(segment_ids: Tensor) -> Tensor:
+    """(N, L) position ids of packed multiple-choice rows: the question's tokens 0..q-1, every choice's tokens
+    q, q+1, ... (each choice continues the question as if it were alone), padding 0."""
+    seg = segment_ids
+    q_len = (seg == 0).sum(dim=1, keepdim=True)                                # (N, 1)
+    positions = torch.where(seg == 0, torch.arange(seg.shape[1], device=seg.device).expand_as(seg), 0)
+    for k in range(1, int(seg.max().item()) + 1 if seg.numel() else 1):
+        inside = seg == k
+        positions = torch.where(inside, q_len + inside.long().cumsum(dim=1) - 1, positions)
+    return positions
+
+
+def packed_attention(segment_ids: Tensor) -> Tensor:
+    """(N, 1, L, L) boolean attention of packed rows: token i sees token j iff j <= i and j is a question token
+    or a token of i's own choice (padding sees only itself, so no softmax row is empty)."""
+    seg = segment_ids
+    L = seg.shape[1]
+    i = torch.arange(L, device=seg.device)
+    causal = i.view(1, L, 1) >= i.view(1, 1, L)                                # (1, L, L): j <= i
+    seg_i, seg_j = seg.unsqueeze(2), seg.unsqueeze(1)                          # (N, L, 1), (N, 1, L)
+    allowed = causal & (seg_j >= 0) & (seg_i >= 0) & ((seg_j == 0) | (seg_j == seg_i))
+    return (allowed | torch.eye(L, dtype=torch.bool, device=seg.device)).unsqueeze(1)
+
+
+class CausalLMChoiceScorer(nn.Module):
+    """logits (B, K)[b, k] = sum_t log p(c_bk[t] | question_b, c_bk[:t]): choice k's summed token log-likelihood
+    given the question (divided by its number of tokens with `score="mean"`), read from one packed row per question.
+
+    Input: `input_ids` (B, L) = [question tokens][choice 0's tokens]...[choice K-1's tokens][padding] and
+    `segment_ids` (B, L) = 0 on the question, k + 1 on choice k's tokens, -1 on padding (as `ChoiceCollator`
+    makes them). The backbone runs once per row with `packed_attention` (a choice's tokens see the question and
+    their own earlier tokens, never another choice) and `packed_positions` (each choice's positions continue the
+    question's), so every score equals the plain forward of `question + choice_k` alone. Choice token t of
+    choice k is predicted from the hidden state of the token before it (the question's last token for t = 0);
+    the LM head is applied at those positions only (never the (B, L, V) vocabulary logits). As in the
+    verbalizer, `lm_head` is frozen and shared by the members; they differ by their adapters only.
+    """
+
+    def __init__(self, causal_lm: nn.Module, num_choices: int, score: str = "sum"):
+        super().__init__()
+        head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"{type(causal_lm).__name__} has no linear LM head (get_output_embeddings()); choice "
+                            "scoring needs a causal LM")
+        if not isinstance(num_choices, int) or isinstance(num_choices, bool) or num_choices < 2:
+            raise ValueError(f"num_choices must be an integer >= 2, got {num_choices!r}")
+        if score not in CHOICE_SCORES:
+            raise ValueError(f"score must be one of {list(CHOICE_SCORES)}, got {score!r}")
+        self.backbone = _backbone_of(causal_lm)
+        self.lm_head = head
+        self.num_labels = self.num_choices = num_choices
+        self.score = score
+        attention = getattr(getattr(self.backbone, "config", None), "_attn_implementation", "sdpa") or "sdpa"
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(f"packed choice scoring needs eager or sdpa attention (a custom 4-D mask); the model "
+                             f"uses {attention!r}")
+        self.attention = attention
+
+    def forward(self, input_ids: Tensor, segment_ids: Tensor) -> Tensor:
+        if input_ids.dim() != 2 or segment_ids.shape != input_ids.shape:
+            raise ValueError(f"input_ids and segment_ids must both be (B, L), got {tuple(input_ids.shape)} and "
+                             f"{tuple(segment_ids.shape)}")
+        seg = segment_ids.long()
+        if int(seg.max()) > self.num_choices or ((seg[:, 0] != 0) & (seg[:, 0] != -1)).any():
+            raise ValueError(f"segment_ids must be 0 (question, first), 1..{self.num_choices} (choices) or -1 "
+                             f"(padding); got values up to {int(seg.max())}")
+        mask = packed_attention(seg)
+        if self.attention == "eager":                                         # additive: 0 where allowed
+            dtype = next(self.backbone.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        out = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=packed_positions(seg),
+                            use_cache=False)
+        h = out if isinstance(out, Tensor) else out[0]                        # (N, L, H), N = B or M*B
+        N, B = h.shape[0], seg.shape[0]
+        if N != B:                                                            # a shared trunk: member-major rows
+            if N % B:
+                raise ValueError(f"{N} hidden-state rows do not split into members of the input's {B} rows")
+            seg, input_ids = seg.repeat(N // B, 1), input_ids.repeat(N // B, 1)
+        L = seg.shape[1]
+        q_len = (seg == 0).sum(dim=1)                                         # (N,)
+        n_choice = (seg > 0).sum(dim=1)                                       # (N,) choice tokens per row
+        P = int(n_choice.max())
+        offsets = torch.arange(P, device=seg.device)
+        where = (q_len.unsqueeze(1) + offsets).clamp_max(L - 1)               # (N, P): the choice tokens
+        valid = offsets.unsqueeze(0) < n_choice.unsqueeze(1)                  # (N, P)
+        which = seg.gather(1, where)                                          # (N, P): k + 1
+        before = seg.gather(1, (where - 1).clamp_min(0))
+        predictor = torch.where(before == which, where - 1, q_len.unsqueeze(1) - 1).clamp_min(0)  # (N, P)
+        hp = h.gather(1, predictor.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (N, P, H)
+        logp = self.lm_head(hp).float().log_softmax(dim=-1)                   # (N, P, V)
+        token_ll = logp.gather(-1, input_ids.gather(1, where).unsqueeze(-1)).squeeze(-1) * valid
+        index = torch.where(valid, which - 1, 0)
+        ll = token_ll.new_zeros(N, self.num_choices).scatter_add_(1, index, token_ll)   # (N, K)
+        counts = valid.float().new_zeros(N, self.num_choices).scatter_add_(1, index, valid.float())
+        if (counts == 0).any():
+            n, k = (counts == 0).nonzero()[0].tolist()
+            raise ValueError(f"choice {k} of row {n % B} has no token in segment_ids (every row needs "
+                             f"{self.num_choices} non-empty choices)")
+        return ll / counts if self.score == "mean" else ll
 
 
 def choice_log_likelihoods(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, choice_mask: Tensor,
