@@ -80,7 +80,8 @@ def test_raw_datasets_pickle_for_dataloader_workers(tmp_path):
 
 
 def test_registry_names_and_argument_errors():
-    expected = {"bbc_news", "cifar10", "cifar100", "ham10000", "esc50", "sst2", "tweet_sentiment", "image_folder", "csv", "hf"}
+    expected = {"bbc_news", "cifar10", "cifar100", "ham10000", "esc50", "sst2", "tweet_sentiment", "image_folder", "csv", "hf",
+                "jsonl_multiple_choice"}
     assert set(DATASETS) == expected
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'; known datasets: bbc_news, cifar10"):
         load_dataset("imagenet")

@@ -20,6 +20,8 @@ tweet_sentiment  :func:`tweet_sentiment.load_tweet_sentiment`    installed ``emp
 image_folder     :func:`generic.load_image_folder`               ``root/<class>/<images>``
 csv              :func:`generic.load_csv`                        CSV/TSV with text and label columns
 hf               :func:`generic.load_hf_dataset`                 Hugging Face ``datasets`` (optional)
+jsonl_multiple_  :func:`multiple_choice.                         JSONL: question, choices, answer per line
+choice           load_jsonl_multiple_choice`                     (``data.kind: multiple_choice``)
 ===============  ==============================================  ==========================================
 """
 
@@ -35,6 +37,7 @@ from lora_ensemble.app.data.collators import AudioCollator, ImageCollator, TextC
 from lora_ensemble.app.data.esc50 import load_esc50
 from lora_ensemble.app.data.generic import load_csv, load_hf_dataset, load_image_folder
 from lora_ensemble.app.data.ham10000 import load_ham10000
+from lora_ensemble.app.data.multiple_choice import load_jsonl_multiple_choice
 from lora_ensemble.app.data.sst2 import load_sst2
 from lora_ensemble.app.data.tweet_sentiment import load_tweet_sentiment
 
@@ -54,6 +57,7 @@ __all__ = [
     "load_ham10000",
     "load_hf_dataset",
     "load_image_folder",
+    "load_jsonl_multiple_choice",
     "load_sst2",
     "load_tweet_sentiment",
 ]
@@ -69,6 +73,7 @@ DATASETS: dict[str, Callable[..., DatasetSplits]] = {
     "image_folder": load_image_folder,
     "csv": load_csv,
     "hf": load_hf_dataset,
+    "jsonl_multiple_choice": load_jsonl_multiple_choice,
 }
 
 

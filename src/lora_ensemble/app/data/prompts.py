@@ -15,6 +15,18 @@ A template is a string with one `{text}` (the input) and optionally `{choices}` 
 prefix is the template before `{text}`, the suffix everything after it (choices and cue) and
 budget = max_length - |BOS| - |prefix| - |suffix| tokens, so only the text is ever cut. Rows are padded on
 the right (the last real token, the cue's, is at `attention_mask.sum(1) - 1`).
+
+Multiple choice (`data.kind: multiple_choice`): an item is `({"question": str, "choices": [str, ...]}, answer)`,
+or a plain `(text, label)` whose choices are the class names. The template has `{text}` (the question) and no
+`{choices}`, and ends with the cue the choices continue (`MC_PROMPTS`, e.g. "Article: {text}\nTopic:").
+`ChoiceCollator` packs one row per question,
+
+    input_ids   = [BOS] + prefix + question[:budget] + suffix | " " + choice 0 | ... | " " + choice K-1 | pad
+    segment_ids =   0     0        0                   0      |  1             | ... |  K                 | -1
+
+with budget = max_length - |BOS| - |prefix| - |suffix| - max_k |choice k| tokens: the question alone is cut,
+never a choice or the cue, and the longest `question + one choice` is at most max_length tokens (the positions
+a choice is scored at; see `CausalLMChoiceScorer`).
 """
 
 from __future__ import annotations
@@ -32,6 +44,12 @@ PROMPTS = {
     "sst2": "Review: {text}\n\nIs the sentiment of this review negative or positive?\n{choices}\nAnswer:",
 }
 FIELDS = ("text", "choices")
+# multiple choice: the template of each dataset, its cue continued by " <choice>" (`data.prompt` replaces it)
+MC_PROMPTS = {
+    "bbc_news": "Article: {text}\nTopic:",
+    "sst2": "Review: {text}\nSentiment:",
+    "jsonl_multiple_choice": "Question: {text}\nAnswer:",
+}
 
 
 def prompt_for(dataset: str | None, prompt: str | None) -> str:
@@ -43,6 +61,17 @@ def prompt_for(dataset: str | None, prompt: str | None) -> str:
     raise ValueError(f"dataset {dataset!r} has no prompt template (templates exist for {sorted(PROMPTS)}); set "
                      "data.prompt to a template with {text} and {choices}, e.g. "
                      + repr(PROMPTS["bbc_news"]))
+
+
+def choice_prompt_for(dataset: str | None, prompt: str | None) -> str:
+    """`prompt` when given, else the multiple-choice template of `dataset`; ValueError when there is neither."""
+    if prompt is not None:
+        return prompt
+    if dataset in MC_PROMPTS:
+        return MC_PROMPTS[dataset]
+    raise ValueError(f"dataset {dataset!r} has no multiple-choice template (templates exist for {sorted(MC_PROMPTS)});"
+                     " set data.prompt to a template with {text} and a cue the choices continue, e.g. "
+                     + repr(MC_PROMPTS["jsonl_multiple_choice"]))
 
 
 class PromptTemplate:
@@ -123,6 +152,9 @@ class PromptCollator:
     def __call__(self, batch: Sequence[tuple[Any, int]]) -> dict[str, torch.Tensor]:
         texts = [text for text, _ in batch]
         if not all(isinstance(text, str) for text in texts):
+            if any(isinstance(text, dict) and "choices" in text for text in texts):
+                raise TypeError("PromptCollator got multiple-choice items (question, choices); set data.kind: "
+                                "multiple_choice for this dataset")
             kinds = sorted({type(text).__name__ for text in texts})
             raise TypeError(f"PromptCollator expects str inputs, got {kinds}; is this a text dataset?")
         rows = [self.encode(text) for text in texts]
@@ -134,3 +166,91 @@ class PromptCollator:
             attention_mask[i, : len(r)] = 1
         labels = torch.as_tensor([int(label) for _, label in batch], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class ChoiceCollator:
+    """Multiple-choice items -> packed `input_ids, segment_ids: (B, L)` and `labels: (B,)` (the answers), one row
+    per question (see the module docstring). `choices` are the choices of plain `(text, label)` items (the class
+    names of a classification dataset); an item `({"question", "choices"}, answer)` brings its own. Every row has
+    exactly `num_choices` choices."""
+
+    def __init__(self, tokenizer: Any, template: str, max_length: int, num_choices: int,
+                 choices: Sequence[str] | None = None):
+        if "{choices}" in template:
+            raise ValueError(f"the multiple-choice template {template!r} lists no {{choices}}: each choice is scored "
+                             "as the continuation of the template's cue")
+        self.template = PromptTemplate(template, [])
+        self.tokenizer, self.max_length, self.num_choices = tokenizer, int(max_length), int(num_choices)
+        self.bos = leading_special_tokens(tokenizer)
+        stripped = self.template.prefix.rstrip(" ")
+        self.text_lead = self.template.prefix[len(stripped):]
+        self.prefix_ids, self.suffix_ids = self._ids(stripped), self._ids(self.template.suffix)
+        self.fixed = len(self.bos) + len(self.prefix_ids) + len(self.suffix_ids)
+        self.choices = None if choices is None else self._check_choices(list(choices), "the class names")
+        self._choice_ids: dict[str, list[int]] = {}
+        if self.choices is not None:
+            self.budget_for(self.choices)  # a choice too long for max_length is an error now, not at the first batch
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+        if self.pad_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _check_choices(self, choices: list, where: str) -> list[str]:
+        if len(choices) != self.num_choices:
+            raise ValueError(f"{where} has {len(choices)} choices, but this dataset has {self.num_choices} (a "
+                             "multiple-choice dataset has one fixed number of choices per question)")
+        if not all(isinstance(c, str) and c.strip() for c in choices):
+            raise ValueError(f"{where}: every choice must be a non-empty string, got {choices}")
+        return choices
+
+    def choice_ids(self, choice: str) -> list[int]:
+        """The tokens of `choice` as the continuation of the cue: " " + choice."""
+        if choice not in self._choice_ids:
+            self._choice_ids[choice] = self._ids(" " + choice.strip())
+        return self._choice_ids[choice]
+
+    def budget_for(self, choices: Sequence[str]) -> int:
+        """Question tokens that fit: max_length - fixed prompt tokens - the longest choice's tokens."""
+        longest = max(choices, key=lambda c: len(self.choice_ids(c)))
+        budget = self.max_length - self.fixed - len(self.choice_ids(longest))
+        if budget < 1:
+            raise ValueError(f"the prompt takes {self.fixed} tokens without the question and the choice "
+                             f"{longest!r} {len(self.choice_ids(longest))}; max_length={self.max_length} leaves no "
+                             "room for the question")
+        return budget
+
+    def encode(self, question: str, choices: Sequence[str]) -> tuple[list[int], list[int]]:
+        """(token ids, segment ids) of one packed row."""
+        question_ids = self._ids(self.text_lead + question)[: self.budget_for(choices)]
+        ids = self.bos + self.prefix_ids + question_ids + self.suffix_ids
+        segments = [0] * len(ids)
+        for k, choice in enumerate(choices):
+            piece = self.choice_ids(choice)
+            ids += piece
+            segments += [k + 1] * len(piece)
+        return ids, segments
+
+    def _item(self, raw: Any, i: int) -> tuple[str, list[str]]:
+        if isinstance(raw, str):
+            if self.choices is None:
+                raise TypeError("ChoiceCollator got a plain text item but has no fixed choices; give items "
+                                "{'question', 'choices'} or the class names as choices")
+            return raw, self.choices
+        if isinstance(raw, dict) and isinstance(raw.get("question"), str) and isinstance(raw.get("choices"), list):
+            return raw["question"], self._check_choices(raw["choices"], f"item {i} of the batch")
+        raise TypeError(f"ChoiceCollator expects items {{'question': str, 'choices': [str, ...]}} or str, got "
+                        f"{type(raw).__name__}; is this a text dataset?")
+
+    def __call__(self, batch: Sequence[tuple[Any, int]]) -> dict[str, torch.Tensor]:
+        rows = [self.encode(*self._item(raw, i)) for i, (raw, _) in enumerate(batch)]
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        segment_ids = torch.full((len(rows), length), -1, dtype=torch.long)
+        for i, (ids, segments) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            segment_ids[i, : len(ids)] = torch.tensor(segments, dtype=torch.long)
+        labels = torch.as_tensor([int(label) for _, label in batch], dtype=torch.long)
+        return {"input_ids": input_ids, "segment_ids": segment_ids, "labels": labels}
