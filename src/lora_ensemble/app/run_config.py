@@ -51,6 +51,9 @@ class DataConfig:
     eval_batch_size: int | None = None
     num_workers: int = 0
     prompt: str | None = None          # decoder LLMs: the prompt template, {text} and {choices} (app/data/prompts.py)
+    kind: str = "classification"       # 'classification' | 'multiple_choice': a decoder LLM scores each choice by its
+    #                                    token log-likelihood after the question (prompts.ChoiceCollator, docs/llm.md)
+    choice_score: str = "sum"          # multiple_choice: 'sum' (the choice's log-likelihood) or 'mean' (per token)
     options: dict = field(default_factory=dict)
 
 
@@ -193,9 +196,26 @@ def parse_run_config(data: Any) -> RunConfig:
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     _check_bounds(cfg)
+    _check_kind(cfg)
     if t.posterior is not None:
         t.posterior = posterior_settings(t.posterior, cfg.method.name)
     return cfg
+
+
+DATA_KINDS = ("classification", "multiple_choice")
+CHOICE_SCORES = ("sum", "mean")
+
+
+def _check_kind(cfg: RunConfig) -> None:
+    """data.kind and data.choice_score name known values; choice_score other than the default needs multiple_choice."""
+    d = cfg.data
+    if d.kind not in DATA_KINDS:
+        raise ConfigError(f"data.kind: expected one of {list(DATA_KINDS)}, got {d.kind!r}")
+    if d.choice_score not in CHOICE_SCORES:
+        raise ConfigError(f"data.choice_score: expected one of {list(CHOICE_SCORES)}, got {d.choice_score!r}")
+    if d.kind != "multiple_choice" and d.choice_score != "sum":
+        raise ConfigError(f"data.choice_score: {d.choice_score!r} scores the choices of data.kind: multiple_choice; "
+                          f"this run has data.kind: {d.kind}")
 
 
 POSTERIOR_DEFAULTS = {"method": "swag", "rank": 5, "start_epoch": 0, "collect_every_n_steps": 0, "max_nll_increase": 0.003}

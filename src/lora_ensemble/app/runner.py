@@ -132,7 +132,8 @@ def build_run(config: RunConfig, info: RunInfo | None = None, with_data: bool = 
                               f"on {info.class_names}" + ("" if new else " (in this order)"))
         info = info or loaded
     model, collate = build_model(config.model, info.num_classes, info.modality, info.sample_rate,
-                                 class_names=info.class_names, dataset=config.data.name, prompt=config.data.prompt)
+                                 class_names=info.class_names, dataset=config.data.name, prompt=config.data.prompt,
+                                 kind=config.data.kind, choice_score=config.data.choice_score)
     options = dict(config.method.options)
     if accepts_option(config.method.name, "seed"):
         options.setdefault("seed", config.seed)
