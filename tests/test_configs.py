@@ -39,7 +39,8 @@ PAPER_RECIPES = {
 
 
 def test_configs_folder_holds_the_documented_recipes():
-    assert set(RUN_CONFIGS) == set(PAPER_RECIPES) | {"bbc_news_minilm.yaml", "smollm2_bbc_news.yaml"}
+    assert set(RUN_CONFIGS) == set(PAPER_RECIPES) | {"bbc_news_minilm.yaml", "smollm2_bbc_news.yaml",
+                                                  "smollm2_bbc_news_mc.yaml"}
 
 
 @pytest.mark.parametrize("name", RUN_CONFIGS)
