@@ -206,3 +206,8 @@ def test_a_multiple_choice_run_fits_and_evaluates_end_to_end_from_its_config(tmp
     torch.testing.assert_close(evaluation["metrics"]["nll"], metrics["nll"], atol=1e-5, rtol=1e-5)
     saved = yaml.safe_load((run_dir / "run_config.yaml").read_text())
     assert saved["data"]["kind"] == "multiple_choice" and saved["data"]["choice_score"] == "sum"
+    from lora_ensemble.app.runner import load_run
+
+    collate = load_run(str(run_dir), with_data=False).collate   # a plain text has no choices in this run
+    with pytest.raises(TypeError, match="a plain text item but has no fixed choices"):
+        collate([("a question without choices", 0)])

