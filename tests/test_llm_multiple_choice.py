@@ -60,13 +60,18 @@ ITEMS = [({"question": article(3), "choices": ["business", "sport tech", "big sm
          ({"question": article(1), "choices": ["small", "tech", "sport big"]}, 1)]
 
 
-@pytest.mark.parametrize("share_trunk", [False, True])
-@pytest.mark.parametrize("score", ["sum", "mean"])
-def test_class_logits_of_every_member_are_its_own_log_likelihood_of_each_choice(share_trunk, score):
+@pytest.mark.parametrize(("share_trunk", "score", "attention"),
+                         [(False, "sum", "sdpa"), (True, "sum", "sdpa"), (False, "mean", "sdpa"), (True, "mean", "sdpa"),
+                          (True, "sum", "eager")])
+def test_class_logits_of_every_member_are_its_own_log_likelihood_of_each_choice(share_trunk, score, attention):
     tokenizer = word_tokenizer()
     collate = ChoiceCollator(tokenizer, TEMPLATE, max_length=40, num_choices=3, choices=CHOICES)
     batch = collate(ITEMS)
-    ens = randomize_B(LoraEnsemble(CausalLMChoiceScorer(build("llama_lm")[0], 3, score=score), num_members=M, r=2,
+    llama = build("llama_lm")[0]
+    llama.set_attn_implementation(attention)            # eager takes the packed mask as an additive float mask
+    scorer = CausalLMChoiceScorer(llama, 3, score=score)
+    assert scorer.attention == attention
+    ens = randomize_B(LoraEnsemble(scorer, num_members=M, r=2,
                                    layers=[-1] if share_trunk else None, share_trunk=share_trunk, seed=1))
     assert ens.head_names == [] and all("lora_" in n for n in ens.member_parameters())  # LM head shared, frozen
     with torch.no_grad():

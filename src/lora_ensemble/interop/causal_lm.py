@@ -183,6 +183,16 @@ def packed_attention(segment_ids: Tensor) -> Tensor:
     return (allowed | torch.eye(L, dtype=torch.bool, device=seg.device)).unsqueeze(1)
 
 
+def mask_attention(backbone: nn.Module) -> str:
+    """The attention implementation of a Hugging Face `backbone`: 'sdpa' (takes the packed mask as booleans) or
+    'eager' (as an additive float mask); ValueError for any other (e.g. flash attention: no custom 4-D mask)."""
+    attention = getattr(getattr(backbone, "config", None), "_attn_implementation", "sdpa") or "sdpa"
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"packed choice scoring needs eager or sdpa attention (a custom 4-D mask); the model uses "
+                         f"{attention!r}")
+    return attention
+
+
 class CausalLMChoiceScorer(nn.Module):
     """logits (B, K)[b, k] = sum_t log p(c_bk[t] | question_b, c_bk[:t]): choice k's summed token log-likelihood
     given the question (divided by its number of tokens with `score="mean"`), read from one packed row per question.
@@ -211,11 +221,12 @@ class CausalLMChoiceScorer(nn.Module):
         self.lm_head = head
         self.num_labels = self.num_choices = num_choices
         self.score = score
-        attention = getattr(getattr(self.backbone, "config", None), "_attn_implementation", "sdpa") or "sdpa"
-        if attention not in ("sdpa", "eager"):
-            raise ValueError(f"packed choice scoring needs eager or sdpa attention (a custom 4-D mask); the model "
-                             f"uses {attention!r}")
-        self.attention = attention
+        mask_attention(self.backbone)  # an attention without custom 4-D masks is an error now, not at the first batch
+
+    @property
+    def attention(self) -> str:
+        """The backbone's attention implementation now: 'sdpa' or 'eager' (see `mask_attention`)."""
+        return mask_attention(self.backbone)
 
     def forward(self, input_ids: Tensor, segment_ids: Tensor) -> Tensor:
         if input_ids.dim() != 2 or segment_ids.shape != input_ids.shape:
