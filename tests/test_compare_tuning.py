@@ -112,7 +112,7 @@ def test_a_killed_compare_resumes_its_study_without_running_finished_trials_agai
     assert 1 <= len(done) < 3
     stamps = {n: os.stat(out / "tuning" / "single_lora" / f"trial{n}" / "results.json").st_mtime_ns for n in done}
 
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    second = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=400)
     assert second.returncode == 0, second.stderr[-2000:]
     assert f"tune single_lora: {len(done)}/3 trials already finished" in second.stdout
     ran_again = [line for line in second.stdout.splitlines() if line.startswith("tune single_lora trial ")]
@@ -170,3 +170,26 @@ def test_methods_with_the_same_search_space_do_not_draw_the_same_values(tmp_path
                              lambda params, n: {"status": "ok", "results": {"best_val_nll": params["lr"]}}, log=lambda s: None)
         drawn[method] = [t["params"]["lr"] for t in result["trials"]]
     assert drawn["single"] != drawn["explicit"]
+
+
+def test_a_study_saved_before_an_option_existed_resumes_without_training_again(tmp_path, monkeypatch):
+    """A library upgrade that adds a run-config option (at its default) must not invalidate a running study: the
+    saved study fingerprint and the run folders' run_config.yaml lack the option, and the rerun keeps them."""
+    import optuna
+
+    config, out = write_config(tmp_path, tuning={"trials": 2, "seed": 0}), tmp_path / "out"
+    run_compare(config, ["single_lora"], seeds=1, output_dir=str(out))  # isolated runs: they write their status
+    # what the previous version wrote: no training.posterior option anywhere
+    study_name = f"{out.name}/single_lora"
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{out / 'tuning.db'}")
+    fingerprint = study.user_attrs["fingerprint"]
+    del fingerprint["run config"]["training"]["posterior"]
+    study.set_user_attr("fingerprint", fingerprint)
+    saved_config = out / "single_lora" / "seed0" / runner.CONFIG_FILE
+    saved = yaml.safe_load(saved_config.read_text())
+    del saved["training"]["posterior"]
+    saved_config.write_text(yaml.safe_dump(saved, sort_keys=False))
+
+    monkeypatch.setattr(compare, "run_isolated", lambda *a, **k: pytest.fail("trained again"))
+    summary = run_compare(config, ["single_lora"], seeds=1, output_dir=str(out))
+    assert summary["runs"]["single_lora"][0]["status"] == "ok"

@@ -78,6 +78,7 @@ import gc
 import inspect
 import io
 import json
+import math
 import os
 import resource
 import shlex
@@ -180,7 +181,8 @@ def default_posterior(config: RunConfig, method: str) -> dict[str, Any]:
     every = 0
     train_size = config.data.options.get("train_size")
     if isinstance(train_size, int) and not isinstance(train_size, bool) and train_size > 0:
-        steps = -(-(-(-train_size // config.data.batch_size)) // t.accumulate_grad_batches)
+        batches = math.ceil(train_size / config.data.batch_size)
+        steps = math.ceil(batches / t.accumulate_grad_batches)  # optimizer steps per epoch
         every = max(1, steps // 4)
     return {"method": "swag", "rank": 5, "start_epoch": start, "collect_every_n_steps": every}
 
@@ -399,7 +401,7 @@ def run_isolated(config: RunConfig, run_dir: str, evaluate_test: bool = True,
                TOKENIZERS_PARALLELISM="false")
     with open(os.path.join(run_dir, LOG_FILE), "wb") as log:
         proc = subprocess.run([sys.executable, "-m", "lora_ensemble.app.compare", "--one", run_dir,
-                               *([] if evaluate_test else ["--trial"])], stdout=log, stderr=subprocess.STDOUT, env=env)
+                               *([] if evaluate_test else ["--trial"])], check=False, stdout=log, stderr=subprocess.STDOUT, env=env)
     if os.path.isfile(status_path):
         with open(status_path, encoding="utf-8") as f:
             return json.load(f)
@@ -587,6 +589,24 @@ def run_trial(config: RunConfig, run_dir: str, isolate: bool, posterior: dict[st
             else run_in_process(config, run_dir, False, posterior))
 
 
+def upgrade_run_config(saved: Any) -> Any:
+    """A run config mapping that an earlier version wrote (a run folder's run_config.yaml, a study's
+    fingerprint), parsed again so that options added since then hold their defaults: a saved config and
+    today's config of the same run compare equal; one that no longer parses is returned as it is."""
+    if not isinstance(saved, dict):
+        return saved
+    try:
+        return parse_run_config(copy.deepcopy(saved)).to_dict()
+    except ConfigError:
+        return saved
+
+
+def same_run_config(saved: Any, config: RunConfig) -> bool:
+    """Whether the saved run config mapping describes `config` (options added since it was written count
+    at their defaults, see `upgrade_run_config`)."""
+    return upgrade_run_config(saved) == config.to_dict()
+
+
 def _finished_run(config: RunConfig, run_dir: str, posterior: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The result of an earlier compare's run in run_dir with this very config (and, for a posterior row,
     the same samples and member chunks) (a rerun resumes), else None."""
@@ -599,7 +619,7 @@ def _finished_run(config: RunConfig, run_dir: str, posterior: dict[str, Any] | N
         with open(status_path, encoding="utf-8") as f:
             status = json.load(f)
         with open(saved, encoding="utf-8") as f:
-            same = yaml.safe_load(f) == config.to_dict()
+            same = same_run_config(yaml.safe_load(f), config)
     except (OSError, ValueError, yaml.YAMLError):
         return None
     if posterior:
@@ -655,7 +675,7 @@ def run_compare(config_path: str, methods: list[str] | None = None, seeds: int =
         "tuning": {}, "runs": {}, "aggregate": {}, "paired": {}, "figures": [],
     }
     start = time.perf_counter()
-    log = lambda text: print(text, flush=True)  # noqa: E731
+    log = lambda text: print(text, flush=True)
     earlier_runs, earlier_configs, earlier_tuning = _earlier_rows(output_dir, methods)
     if earlier_runs:
         summary["earlier_rows"] = list(earlier_runs)
@@ -691,7 +711,8 @@ def run_compare(config_path: str, methods: list[str] | None = None, seeds: int =
             fingerprint = {"search space": {k: r.to_dict() for k, r in tuning.space[method].items()},
                            "run config": configs[method][0][0].to_dict()}
             result = tune_method(method, tuning, storage, f"{os.path.basename(os.path.abspath(output_dir))}/{method}",
-                                 fingerprint, own_storage, trial, jobs=jobs, log=log)
+                                 fingerprint, own_storage, trial, jobs=jobs, log=log,
+                                 upgrade={"run config": upgrade_run_config})
             summary["tuning"][method] = result
             if result["best"] is None:
                 runs[method] = [{"status": "failed", "error": f"tuning: {result['error']}", "stage": "tuning",
@@ -712,7 +733,8 @@ def run_compare(config_path: str, methods: list[str] | None = None, seeds: int =
             if status is None:
                 status = (run_isolated(config, run_dir, posterior=row_posterior[method]) if isolate
                           else run_in_process(config, run_dir, posterior=row_posterior[method]))
-                status.update(run_dir=run_dir, seed=config.seed, wall_time_s=time.perf_counter() - t0)
+                status["wall_time_s"] = time.perf_counter() - t0
+            status.update(run_dir=run_dir, seed=config.seed)  # a run finished before: its folder's status has neither
             runs[method][i] = status
             if status["status"] == "ok":
                 res = status["results"]
@@ -722,7 +744,8 @@ def run_compare(config_path: str, methods: list[str] | None = None, seeds: int =
                 done = f"test NLL {m['nll']:.4f}, ECE {m['ece']:.3f}, acc {m['acc']:.3f}{epochs}{members}"
             else:
                 done = f"FAILED: {status['error']}"
-            log(f"[{n}/{total}] {method} seed{i}: {status['wall_time_s']:.0f} s{' (finished before)' if resumed else ''}, {done}")
+            took = "finished before" if resumed else f"{status['wall_time_s']:.0f} s"
+            log(f"[{n}/{total}] {method} seed{i}: {took}, {done}")
             _write_tables(output_dir, summary, runs, configs)
     summary["paired"] = paired_differences(runs)
     table = _write_tables(output_dir, summary, runs, configs)
@@ -743,7 +766,7 @@ def _outputs_of(config: RunConfig, run_dir: str | None) -> bool:
         return False
     try:
         with open(os.path.join(run_dir, CONFIG_FILE), encoding="utf-8") as f:
-            return yaml.safe_load(f) == config.to_dict()
+            return same_run_config(yaml.safe_load(f), config)
     except (OSError, yaml.YAMLError):
         return False
 

@@ -214,9 +214,11 @@ def default_storage(output_dir: str) -> str:
 
 
 def open_study(storage: str, name: str, space: dict[str, Range], seed: int, fingerprint: dict[str, Any],
-               own_storage: bool) -> Any:
+               own_storage: bool, upgrade: dict[str, Callable[[Any], Any]] | None = None) -> Any:
     """Create or load the study `name`; a loaded study must have been made with the same space and config
-    (`fingerprint`), else ConfigError. In storage this compare owns, trials left RUNNING are marked FAIL."""
+    (`fingerprint`), else ConfigError. `upgrade[key]` maps the saved fingerprint's entry `key` before the
+    comparison (a run config saved by an earlier version gets the defaults of options added since). In
+    storage this compare owns, trials left RUNNING are marked FAIL."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported by our own line
@@ -229,6 +231,8 @@ def open_study(storage: str, name: str, space: dict[str, Range], seed: int, fing
         raise ConfigError(f"--storage {storage!r}: cannot open the study ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     saved = study.user_attrs.get("fingerprint")
+    if saved is not None and upgrade:
+        saved = {k: upgrade[k](v) if k in upgrade else v for k, v in saved.items()}
     if saved is None:
         study.set_user_attr("fingerprint", fingerprint)
     elif saved != fingerprint:
@@ -247,7 +251,8 @@ class TrialFailed(Exception):
 
 def tune_method(method: str, tuning: Tuning, storage: str, study_name: str, fingerprint: dict[str, Any],
                 own_storage: bool, run_trial: Callable[[dict[str, Any], int], dict[str, Any]], jobs: int = 1,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                log: Callable[[str], None] = print,
+                upgrade: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
     """Run the missing trials of `method`'s study; returns {'best': params, 'best_value', 'best_trial',
     'trials': [one summary per trial]} (best None when no trial finished).
 
@@ -257,7 +262,7 @@ def tune_method(method: str, tuning: Tuning, storage: str, study_name: str, fing
     from optuna.trial import TrialState
 
     space = tuning.space[method]
-    study = open_study(storage, study_name, space, tuning.seed, fingerprint, own_storage)
+    study = open_study(storage, study_name, space, tuning.seed, fingerprint, own_storage, upgrade)
     for setting in tuning.start.get(method, []):
         study.enqueue_trial(setting, skip_if_exists=True)
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
