@@ -64,6 +64,25 @@ def test_evaluate_and_predict_with_samples_use_k_draws_per_member(swag_run, tmp_
     assert main(["predict", "--checkpoint", str(swag_run), "--input", str(inputs), "--samples", "3"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(rows) == 2 and all(row["prediction"] in ("neg", "pos") for row in rows)
+    # the same 6 sampled members, 4 + 2 per pass: the same predictions, one of them per input
+    assert main(["predict", "--checkpoint", str(swag_run), "--input", str(inputs), "--samples", "3",
+                 "--member-chunk-size", "4", "--batch-size", "1"]) == 0
+    chunked_rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["id"] for r in chunked_rows] == [r["id"] for r in rows]
+    for row, chunked_row in zip(rows, chunked_rows):
+        assert chunked_row["prediction"] == row["prediction"]
+        for key in ("probability", "total", "aleatoric", "epistemic", "p_neg", "p_pos"):
+            assert abs(chunked_row[key] - row[key]) < 1e-5, key
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_member_chunks_without_samples_is_one_error_line(swag_run, tmp_path, capsys, command):
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("a great and lovely film\n")
+    extra = ["--input", str(inputs)] if command == "predict" else []
+    assert main([command, "--checkpoint", str(swag_run), *extra, "--member-chunk-size", "4"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--member-chunk-size" in err[0] and "needs --samples" in err[0], err
 
 
 @pytest.mark.parametrize("settings, collected", [

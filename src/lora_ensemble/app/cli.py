@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")
     p.add_argument("--samples", type=positive_int, metavar="K", help="predict with K draws per member from the "
                    "run's posterior (training.posterior) instead of the trained members")
+    p.add_argument("--member-chunk-size", type=positive_int, metavar="N", help="with --samples: run N sampled "
+                   "members per pass and concatenate their logits (less memory, the same predictions)")
 
     p = sub.add_parser("compare", parents=[common], help="train several methods with the same data, budget and seeds")
     p.add_argument("--config", required=True, help="YAML run config, optionally with a compare: section of "
@@ -254,8 +256,15 @@ def check_output_paths(args: argparse.Namespace) -> None:
         raise ValueError(f"--output {args.output!r} is a folder; name the JSON file to write")
 
 
+def check_member_chunks(args: argparse.Namespace) -> None:
+    """--member-chunk-size splits the sampled members of --samples; alone it would be silently ignored."""
+    if args.member_chunk_size is not None and args.samples is None:
+        raise ValueError("--member-chunk-size runs the sampled members of --samples K in chunks; it needs --samples")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     check_output_paths(args)
+    check_member_chunks(args)
     with quiet(args.verbose):
         from lora_ensemble.app.runner import load_run, make_trainer, test
         from lora_ensemble.app.tables import flat_row, markdown_table, write_figures
@@ -297,8 +306,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from lora_ensemble.app.predict import check_output, predict_file
 
     check_output(args.output)
+    check_member_chunks(args)
     with quiet(args.verbose):
-        predict_file(args.checkpoint, args.input, args.output, batch_size=args.batch_size, samples=args.samples)
+        predict_file(args.checkpoint, args.input, args.output, batch_size=args.batch_size, samples=args.samples,
+                     member_chunk_size=args.member_chunk_size)
     return 0
 
 

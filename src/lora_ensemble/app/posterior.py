@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
+
+from torch import Tensor
 
 from lora_ensemble.app.run_config import ConfigError
 from lora_ensemble.core.ensemble import LoraEnsemble
@@ -49,6 +52,17 @@ def use_posterior_samples(run: Any, run_dir: str, samples: int, seed: int | None
     seed = run.config.seed if seed is None else seed
     run.module.method = post.sample(samples, seed=seed, scale=scale)
     return _info(post, samples, seed, scale)
+
+
+def sampled_member_logits(run: Any, run_dir: str, samples: int, member_chunk_size: int | None = None,
+                          seed: int | None = None, scale: float = 1.0) -> Callable[[list], Tensor]:
+    """`batches -> (M * samples, N, C)`: the member logits of `sample(samples, seed, scale)` of the run's
+    posterior over a list of batches, `member_chunk_size` sampled members per pass (`LoraPosterior.member_logits`;
+    the same logits as the whole sampled ensemble). The seed defaults to the run's, as `use_posterior_samples`."""
+    post = load_posterior(run, run_dir)
+    seed = run.config.seed if seed is None else seed
+    return lambda batches: post.member_logits(batches, samples, seed=seed, scale=scale,
+                                              member_chunk_size=member_chunk_size)[0]
 
 
 def evaluate_samples(run: Any, run_dir: str, samples: int, member_chunk_size: int | None = None,

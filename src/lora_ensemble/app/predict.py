@@ -14,10 +14,12 @@ import csv
 import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from lora_ensemble.app.run_config import ConfigError
 from lora_ensemble.io import atomic_write_bytes
@@ -75,24 +77,32 @@ def _read_inputs(p: Path, path: str, modality: str, sample_rate: int | None) -> 
 
 
 @torch.no_grad()
-def predict_items(run: Any, items: list[tuple[str, Any]], batch_size: int = 32) -> list[dict[str, Any]]:
+def predict_items(run: Any, items: list[tuple[str, Any]], batch_size: int = 32,
+                  member_logits: Callable[[list[dict]], Tensor] | None = None) -> list[dict[str, Any]]:
+    """One row per item: the prediction, its probability, total / aleatoric / epistemic uncertainty and p_<class>.
+    `member_logits(batches) -> (M, N, C)` replaces the run's ensemble on all N items' batches (the sampled members
+    run in chunks, `app.posterior.sampled_member_logits`); by default each batch runs through run.module.method."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     names = run.info.class_names
-    method = run.module.method.eval()
-    rows = []
+    batches = []
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        batch = run.collate([(x, 0) for _, x in chunk])
+        batch = run.collate([(x, 0) for _, x in items[start:start + batch_size]])
         batch.pop("labels")
-        logits = method(**batch).float() / run.module.temperature       # (M, B, C)
-        pred = predictive(logits)
-        for i, (item_id, _) in enumerate(chunk):
-            k = int(pred.probs[i].argmax())
-            rows.append({"id": item_id, "prediction": names[k], "probability": float(pred.probs[i, k]),
-                         "total": float(pred.total[i]), "aleatoric": float(pred.aleatoric[i]),
-                         "epistemic": float(pred.epistemic[i]),
-                         **{f"p_{c}": float(pred.probs[i, j]) for j, c in enumerate(names)}})
+        batches.append(batch)
+    if member_logits is None:
+        method = run.module.method.eval()
+        logits = torch.cat([method(**batch).float() for batch in batches], dim=1)   # (M, N, C)
+    else:
+        logits = member_logits(batches).float()
+    pred = predictive(logits / run.module.temperature)
+    rows = []
+    for i, (item_id, _) in enumerate(items):
+        k = int(pred.probs[i].argmax())
+        rows.append({"id": item_id, "prediction": names[k], "probability": float(pred.probs[i, k]),
+                     "total": float(pred.total[i]), "aleatoric": float(pred.aleatoric[i]),
+                     "epistemic": float(pred.epistemic[i]),
+                     **{f"p_{c}": float(pred.probs[i, j]) for j, c in enumerate(names)}})
     return rows
 
 
@@ -107,21 +117,29 @@ def check_output(output: str | None) -> None:
 
 
 def predict_file(checkpoint: str, input_path: str, output: str | None, batch_size: int = 32,
-                 samples: int | None = None) -> list[dict[str, Any]]:
+                 samples: int | None = None, member_chunk_size: int | None = None) -> list[dict[str, Any]]:
+    """`samples`: K draws per member from the run's posterior (training.posterior), `member_chunk_size` of
+    them per pass (the same predictions at the memory of a chunk)."""
     from lora_ensemble.app.runner import load_run
 
     check_output(output)
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if member_chunk_size is not None and samples is None:
+        raise ConfigError("--member-chunk-size runs the sampled members of --samples K in chunks; it needs --samples")
     run = load_run(checkpoint, with_data=False)
-    if samples is not None:  # K draws per member from the run's posterior (training.posterior)
-        from lora_ensemble.app.posterior import use_posterior_samples
+    member_logits = None
+    if samples is not None:
+        from lora_ensemble.app.posterior import sampled_member_logits, use_posterior_samples
 
-        use_posterior_samples(run, checkpoint, samples)
+        if member_chunk_size is None:
+            use_posterior_samples(run, checkpoint, samples)
+        else:
+            member_logits = sampled_member_logits(run, checkpoint, samples, member_chunk_size)
     items = read_inputs(input_path, run.info.modality, run.info.sample_rate)
     if not items:
         raise ConfigError(f"--input {input_path!r} holds no {run.info.modality} inputs")
-    rows = predict_items(run, items, batch_size)
+    rows = predict_items(run, items, batch_size, member_logits)
     if output is None:
         for row in rows:
             print(json.dumps(row))
