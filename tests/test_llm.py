@@ -10,6 +10,7 @@ import copy
 import importlib.util
 
 import pytest
+import tiny_models
 import torch
 from tiny_models import build
 
@@ -26,15 +27,7 @@ WORDS = (["[UNK]", "[PAD]", "<s>", "Article:", "Which", "topic", "is", "this", "
 
 
 def word_tokenizer():
-    """A real Hugging Face fast tokenizer over WORDS (whitespace split) that puts <s> before every text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>")
+    return tiny_models.word_tokenizer(WORDS)
 
 
 def article(n: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny_models
 import torch
 import yaml
 from tiny_models import build
@@ -27,15 +28,7 @@ WORDS = (["[UNK]", "[PAD]", "<s>", "Article:", "Topic:", "business", "sport", "t
 
 
 def word_tokenizer():
-    """A Hugging Face fast tokenizer over WORDS (whitespace split) that puts <s> before every text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>")
+    return tiny_models.word_tokenizer(WORDS)
 
 
 def article(n: int) -> str:

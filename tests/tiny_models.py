@@ -163,3 +163,16 @@ def call(model, batch):
     """Call a model (or an ensemble) with a batch from make_batch; returns the prediction tensor."""
     out = model(*batch) if isinstance(batch, tuple) else model(**batch)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def word_tokenizer(words: list[str]):
+    """A real Hugging Face fast tokenizer over `words` (whitespace split; '[UNK]', '[PAD]' and '<s>' among them)
+    that puts <s> before every text, as the Llama tokenizers put BOS: prompts of known token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>")

@@ -52,26 +52,26 @@ MC_PROMPTS = {
 }
 
 
-def prompt_for(dataset: str | None, prompt: str | None) -> str:
-    """`prompt` when given, else the template of `dataset`; ValueError when there is neither."""
+def _template_for(dataset: str | None, prompt: str | None, templates: dict[str, str], kind: str, needs: str) -> str:
+    """`prompt` when given, else `templates[dataset]`; ValueError (what the template `needs`) when there is neither."""
     if prompt is not None:
         return prompt
-    if dataset in PROMPTS:
-        return PROMPTS[dataset]
-    raise ValueError(f"dataset {dataset!r} has no prompt template (templates exist for {sorted(PROMPTS)}); set "
-                     "data.prompt to a template with {text} and {choices}, e.g. "
-                     + repr(PROMPTS["bbc_news"]))
+    if dataset in templates:
+        return templates[dataset]
+    example = next(iter(templates.values()))
+    raise ValueError(f"dataset {dataset!r} has no {kind} (templates exist for {sorted(templates)}); set "
+                     f"data.prompt to a template with {needs}, e.g. {example!r}")
+
+
+def prompt_for(dataset: str | None, prompt: str | None) -> str:
+    """`prompt` when given, else the template of `dataset`; ValueError when there is neither."""
+    return _template_for(dataset, prompt, PROMPTS, "prompt template", "{text} and {choices}")
 
 
 def choice_prompt_for(dataset: str | None, prompt: str | None) -> str:
     """`prompt` when given, else the multiple-choice template of `dataset`; ValueError when there is neither."""
-    if prompt is not None:
-        return prompt
-    if dataset in MC_PROMPTS:
-        return MC_PROMPTS[dataset]
-    raise ValueError(f"dataset {dataset!r} has no multiple-choice template (templates exist for {sorted(MC_PROMPTS)});"
-                     " set data.prompt to a template with {text} and a cue the choices continue, e.g. "
-                     + repr(MC_PROMPTS["jsonl_multiple_choice"]))
+    return _template_for(dataset, prompt, MC_PROMPTS, "multiple-choice template",
+                         "{text} and a cue the choices continue")
 
 
 class PromptTemplate:
