@@ -10,21 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import yaml
+from compare_configs import tiny_compare_config
 
 from lora_ensemble.app import compare
 from lora_ensemble.app.compare import run_compare
 from lora_ensemble.app.run_config import ConfigError
 from lora_ensemble.methods import METHODS
 
-TINY = {
-    "seed": 0,
-    "model": {"name": "tiny:text", "max_length": 16},
-    "method": {"name": "lora_ensemble", "num_members": 2, "r": 2, "target_modules": "qkvo", "init_gain": 10.0},
-    "data": {"name": "bbc_news", "batch_size": 4, "eval_batch_size": 8, "train_size": 8, "val_size": 4,
-             "test_size": 8, "ood_size": 8, "max_chars": 200},
-    "training": {"epochs": 1, "lr": 1e-3, "accelerator": "cpu"},
-    "compare": {"single": {"training": {"lr": 1e-4}}},
-}
+TINY = tiny_compare_config({"epochs": 1, "lr": 1e-3}, compare={"single": {"training": {"lr": 1e-4}}})
 
 
 def main_table(text):

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 import yaml
+from compare_configs import tiny_compare_config
 from safetensors.torch import load_file
 
 from lora_ensemble.app import runner
@@ -20,15 +21,8 @@ from lora_ensemble.app.run_config import ConfigError
 from lora_ensemble.lightning.callbacks import BestValidation
 from lora_ensemble.posterior import LoraPosterior
 
-TINY = {
-    "seed": 0,
-    "model": {"name": "tiny:text", "max_length": 16},
-    "method": {"name": "lora_ensemble", "num_members": 2, "r": 2, "target_modules": "qkvo", "init_gain": 10.0},
-    "data": {"name": "bbc_news", "batch_size": 4, "eval_batch_size": 8, "train_size": 8, "val_size": 4,
-             "test_size": 8, "ood_size": 8, "max_chars": 200},
-    "training": {"max_epochs": 2, "early_stopping_patience": 1, "lr": 1e-3, "accelerator": "cpu"},
-    "compare": {"lora_ensemble+swag": {"posterior": {"samples": 3}}},
-}
+TINY = tiny_compare_config({"max_epochs": 2, "early_stopping_patience": 1, "lr": 1e-3},
+                           compare={"lora_ensemble+swag": {"posterior": {"samples": 3}}})
 
 
 def main_table(text):
@@ -102,7 +96,7 @@ def test_a_posterior_row_trains_once_per_seed_and_tests_m_times_k_members(two_st
 
 
 def test_a_row_added_to_an_earlier_folder_runs_only_its_runs_and_the_table_holds_all_rows(two_stages):
-    first, second, out, trained = two_stages
+    first, _second, out, trained = two_stages
     assert sorted(trained[0]) == ["lora_ensemble/seed0", "lora_ensemble/seed1"]
     assert not any(t.startswith("lora_ensemble/") for t in trained[1])  # the earlier row is not rerun
     table = main_table((out / "results.md").read_text())
@@ -117,8 +111,8 @@ def test_a_row_added_to_an_earlier_folder_runs_only_its_runs_and_the_table_holds
 
 @pytest.mark.parametrize("row, why", [
     ("lora_ensemble+laplace", "unknown posterior 'laplace'; posteriors: ['swag', 'tfb']"),
-    ("batch_ensemble+swag", "'batch_ensemble' is not a LoRA method: posterior rows are over ['lora_ensemble', "
-                            "'single_lora']"),
+    ("batch_ensemble+swag", ("'batch_ensemble' is not a LoRA method: posterior rows are over ['lora_ensemble', "
+                            "'single_lora']")),
 ])
 def test_an_unknown_posterior_row_is_one_error_line_listing_the_rows(tmp_path, row, why):
     config = write_config(tmp_path)

@@ -16,21 +16,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import yaml
+from compare_configs import tiny_compare_config
 
 from lora_ensemble.app import compare, runner
 from lora_ensemble.app.cli import main
 from lora_ensemble.app.compare import run_compare
 
-TINY = {
-    "seed": 0,
-    "model": {"name": "tiny:text", "max_length": 16},
-    "method": {"name": "lora_ensemble", "num_members": 2, "r": 2, "target_modules": "qkvo", "init_gain": 10.0},
-    "data": {"name": "bbc_news", "batch_size": 4, "eval_batch_size": 8, "train_size": 8, "val_size": 4,
-             "test_size": 8, "ood_size": 8, "max_chars": 200},
-    "training": {"max_epochs": 2, "early_stopping_patience": 1, "lr": 1e-3, "accelerator": "cpu"},
-    "tuning": {"trials": 5, "seed": 0, "space": {"lora_ensemble": {"lr": [1e-4, 1e-1], "init_gain": [0.5, 20.0]}},
-               "start": {"lora_ensemble": [{"lr": 1e-3, "init_gain": 1.0}]}},
-}
+TINY = tiny_compare_config(
+    {"max_epochs": 2, "early_stopping_patience": 1, "lr": 1e-3},
+    tuning={"trials": 5, "seed": 0, "space": {"lora_ensemble": {"lr": [1e-4, 1e-1], "init_gain": [0.5, 20.0]}},
+            "start": {"lora_ensemble": [{"lr": 1e-3, "init_gain": 1.0}]}})
 
 
 def write_config(tmp_path, **changes):
