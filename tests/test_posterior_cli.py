@@ -160,3 +160,38 @@ def test_a_resumed_run_continues_the_same_collection(project, tmp_path):
     assert meta["swag"]["num_collected"] == 3 and whole.keys() == resumed.keys()
     for name in whole:
         assert (whole[name] - resumed[name]).abs().max() < 1e-6, name
+
+
+def test_swa_lr_holds_the_learning_rate_constant_from_the_collection_start(project, monkeypatch):
+    """SWAG's collection phase at a constant rate: the epochs before start_epoch follow the run's warm-up + cosine
+    schedule, every optimizer step from start_epoch on runs at swa_lr exactly (3 steps an epoch here)."""
+    from lora_ensemble.lightning.posterior import PosteriorCallback
+
+    lrs: list[float] = []
+    real = PosteriorCallback.on_train_batch_start
+
+    def record(self, trainer, module, *args):
+        lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        return real(self, trainer, module, *args)
+
+    monkeypatch.setattr(PosteriorCallback, "on_train_batch_start", record)
+    code, _ = fit(project, "swa", "training.epochs=3",
+                  "training.posterior={method: swag, rank: 2, start_epoch: 1, collect_every_n_steps: 1, swa_lr: 3e-4}")
+    assert code == 0 and len(lrs) == 9
+    assert all(lr != 3e-4 for lr in lrs[:3]) and lrs[3:] == [3e-4] * 6
+    meta = json.loads((project / "swa" / "posterior" / "posterior_config.json").read_text())
+    assert meta["swag"]["num_collected"] == 6
+    lrs.clear()  # the same run without swa_lr: the schedule decays through the collection
+    assert fit(project, "no_swa", "training.epochs=3",
+               "training.posterior={method: swag, rank: 2, start_epoch: 1, collect_every_n_steps: 1}")[0] == 0
+    assert len(set(lrs[3:])) == 6
+
+
+@pytest.mark.parametrize("settings, message", [
+    ("{method: tfb, swa_lr: 1e-3}", "training.posterior.swa_lr is the constant learning rate of SWAG's collection"),
+    ("{method: swag, swa_lr: 0}", "training.posterior.swa_lr must be a number > 0 (or null), got 0"),
+])
+def test_a_bad_swa_lr_is_one_error_line(project, capsys, settings, message):
+    code, _ = fit(project, "bad_swa", f"training.posterior={settings}")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and message in err[0], err

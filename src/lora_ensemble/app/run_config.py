@@ -82,7 +82,7 @@ class TrainingConfig:
     checkpoint_every_n_steps: int = 100  # checkpoints/last.ckpt also every n optimizer steps (0: only at epoch ends)
     progress_bar: bool = True
     posterior: dict[str, Any] | None = None  # {method: swag|tfb, rank, start_epoch, collect_every_n_steps,
-    #                                    max_nll_increase}: posterior members saved in <run>/posterior (issue 15)
+    #                                    max_nll_increase, swa_lr}: posterior members saved in <run>/posterior (issue 15)
 
     @property
     def epoch_budget(self) -> int:
@@ -218,7 +218,18 @@ def _check_kind(cfg: RunConfig) -> None:
                           f"this run has data.kind: {d.kind}")
 
 
-POSTERIOR_DEFAULTS = {"method": "swag", "rank": 5, "start_epoch": 0, "collect_every_n_steps": 0, "max_nll_increase": 0.003}
+POSTERIOR_DEFAULTS = {"method": "swag", "rank": 5, "start_epoch": 0, "collect_every_n_steps": 0, "max_nll_increase": 0.003,
+                      "swa_lr": None}
+
+
+def _yaml_float(value: Any) -> Any:
+    """A number YAML read as a string (it reads 3e-3, without a dot, as one) as a float; anything else as it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def posterior_settings(value: dict[str, Any], method: str) -> dict[str, Any]:
@@ -232,14 +243,15 @@ def posterior_settings(value: dict[str, Any], method: str) -> dict[str, Any]:
     for key, low in (("rank", 1), ("start_epoch", 0), ("collect_every_n_steps", 0)):
         if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < low:
             raise ConfigError(f"training.posterior.{key} must be an integer >= {low}, got {out[key]!r}")
-    eps = out["max_nll_increase"]
-    if isinstance(eps, str):  # YAML reads 3e-3 as a string
-        try:
-            eps = out["max_nll_increase"] = float(eps)
-        except ValueError:
-            pass
+    eps = out["max_nll_increase"] = _yaml_float(out["max_nll_increase"])
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise ConfigError(f"training.posterior.max_nll_increase must be a number > 0, got {eps!r}")
+    swa_lr = out["swa_lr"] = _yaml_float(out["swa_lr"])
+    if swa_lr is not None and (not isinstance(swa_lr, (int, float)) or isinstance(swa_lr, bool) or not swa_lr > 0):
+        raise ConfigError(f"training.posterior.swa_lr must be a number > 0 (or null), got {swa_lr!r}")
+    if swa_lr is not None and out["method"] != "swag":
+        raise ConfigError("training.posterior.swa_lr is the constant learning rate of SWAG's collection phase; "
+                          f"method {out['method']!r} collects nothing")
     if method not in ("lora_ensemble", "single_lora"):
         raise ConfigError(f"training.posterior is over the members of a LoRA-Ensemble (methods lora_ensemble, "
                           f"single_lora); method {method!r} has none")

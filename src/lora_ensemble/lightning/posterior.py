@@ -6,6 +6,12 @@ method="swag": `collect()` at the end of every training epoch e (0-based) with e
 `collect_every_n_steps` = n > 0, after every optimizer step t (1-based, global) with t % n == 0 during those
 epochs (steps that only accumulate gradients never collect). The moments travel in Lightning's checkpoints
 (`state_dict`), so a resumed run continues the same collection.
+`swa_lr` (swag only, default None: the run's own schedule throughout): from the first optimizer step of epoch
+`start_epoch` on, the learning rate is held at `swa_lr`, the constant-rate phase of SWA/SWAG (Izmailov et al.
+2018, Maddox et al. 2019), in which the iterates move around the mode the first phase reached instead of
+freezing as a decaying schedule ends (the moments of a decayed schedule describe almost no spread). Step t
+(optimizer steps done, 0-based) gets lr_base * schedule(t) for t < start_epoch * steps_per_epoch, then swa_lr:
+the run's LambdaLR multipliers are wrapped at train start, the same way on a resumed run.
 method="tfb": nothing during training; at the end, `calibrate()` on the trainer's first validation loader
 (the anchor set; never the test split) with `max_nll_increase`.
 At the end of training (`on_train_end`), when the trainer has a `BestValidation` callback (early stopping),
@@ -17,9 +23,11 @@ not the last epoch's. Then the posterior is written to `path` (when given) by th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
+import torch
 
 from lora_ensemble.core.ensemble import LoraEnsemble
 from lora_ensemble.lightning.callbacks import BestValidation
@@ -30,9 +38,14 @@ class PosteriorCallback(L.Callback):
     """Builds a `LoraPosterior` over `module.method` (a LoraEnsemble) and collects / calibrates it."""
 
     def __init__(self, method: str = "swag", rank: int = 5, start_epoch: int = 0, collect_every_n_steps: int = 0,
-                 path: str | None = None, max_nll_increase: float = 0.003) -> None:
+                 path: str | None = None, max_nll_increase: float = 0.003, swa_lr: float | None = None) -> None:
         if method not in POSTERIOR_METHODS:
             raise ValueError(f"unknown posterior method {method!r}; methods: {list(POSTERIOR_METHODS)}")
+        if swa_lr is not None and (method != "swag" or isinstance(swa_lr, bool)
+                                   or not isinstance(swa_lr, (int, float)) or not swa_lr > 0):
+            raise ValueError(f"swa_lr is the constant learning rate of SWAG's collection phase: a number > 0 with "
+                             f"method 'swag', got {swa_lr!r} with method {method!r}")
+        self.swa_lr = None if swa_lr is None else float(swa_lr)
         for name, value in (("start_epoch", start_epoch), ("collect_every_n_steps", collect_every_n_steps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -55,7 +68,24 @@ class PosteriorCallback(L.Callback):
     def _collecting(self, trainer: L.Trainer) -> bool:
         return self.method == "swag" and trainer.current_epoch >= self.start_epoch
 
+    def _hold_swa_lr(self, trainer: L.Trainer) -> None:
+        """Wrap the LambdaLR multipliers: f(t) before the collection's first step, swa_lr / lr_base after."""
+        start = self.start_epoch * math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                raise TypeError(f"swa_lr holds the learning rate of a LambdaLR schedule; this run's scheduler is a "
+                                 f"{type(scheduler).__name__}")
+            scheduler.lr_lambdas = [
+                (lambda t, f=f, base=base: f(t) if t < start else self.swa_lr / base)
+                for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+            if scheduler.last_epoch >= start:  # resumed inside the collection phase: the step about to run
+                for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
+                    group["lr"] = lr
+
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.swa_lr is not None:
+            self._hold_swa_lr(trainer)
         if self._pending is not None:  # a resumed run: the moments collected before the stop
             params = self.posterior.ensemble.member_parameters()
             device = next(iter(params.values())).device
