@@ -195,3 +195,30 @@ def test_a_bad_swa_lr_is_one_error_line(project, capsys, settings, message):
     code, _ = fit(project, "bad_swa", f"training.posterior={settings}")
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_finished_run_gets_a_tfb_posterior_without_training(project, capsys):
+    """`lora-ensemble posterior` on a run fitted without training.posterior: sigma found on its validation split
+    (the anchor NLL increase under the threshold), written to <run>/posterior; then evaluate --samples works."""
+    assert fit(project, "later_tfb")[0] == 0
+    run = project / "later_tfb"
+    weights = (run / "model" / "weights.safetensors").read_bytes()
+    assert main(["posterior", "--checkpoint", str(run), "--max-nll-increase", "0.01"]) == 0
+    assert "TFB sigma per member" in capsys.readouterr().out
+    meta = json.loads((run / "posterior" / "posterior_config.json").read_text())
+    assert meta["method"] == "tfb" and meta["tfb"]["num_anchor"] == 4      # the 4 validation rows, not the test's
+    assert all(v <= 0.01 for v in meta["tfb"]["increase"])
+    assert (run / "model" / "weights.safetensors").read_bytes() == weights  # the trained members are untouched
+    assert main(["evaluate", "--checkpoint", str(run), "--samples", "2"]) == 0
+    assert json.loads((run / "evaluation_samples_2.json").read_text())["members"] == 4
+    # a second call does not replace it silently; a run without LoRA members has no posterior
+    assert main(["posterior", "--checkpoint", str(run)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "already holds a posterior; pass --overwrite" in err[0], err
+    assert main(["posterior", "--checkpoint", str(run), "--overwrite"]) == 0
+    assert fit(project, "later_single", "method={name: single}")[0] == 0
+    capsys.readouterr()
+    assert main(["posterior", "--checkpoint", str(project / "later_single")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "a posterior is over the members of a LoRA-Ensemble" in err[0], err
+    assert not (project / "later_single" / "posterior").exists()

@@ -5,6 +5,7 @@
     lora-ensemble evaluate --checkpoint RUN  test metrics (+ plots) of a finished run
     lora-ensemble evaluate --checkpoint RUN --samples K   the same for K posterior draws per member
     lora-ensemble predict --checkpoint RUN --input FILE   per-sample prediction and uncertainty
+    lora-ensemble posterior --checkpoint RUN TFB posterior of a finished run (sigma on its validation split)
     lora-ensemble analyze --checkpoint RUN   do the members reach different modes? (diversity, paths, CKA)
     lora-ensemble compare --config X.yaml --methods a,b --seeds 3
     lora-ensemble benchmark                  speed and memory against the limit and the peers
@@ -164,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--member-chunk-size", type=positive_int, metavar="N", help="with --samples: run N sampled "
                    "members per pass and concatenate their logits (less memory, the same predictions)")
 
+    p = sub.add_parser("posterior", parents=[common], help="a training-free (TFB) posterior for a finished run, "
+                                                           "for evaluate / predict --samples K")
+    p.add_argument("--checkpoint", required=True, help="run folder written by `fit` (a LoRA method)")
+    p.add_argument("--max-nll-increase", type=float, default=0.003, help="sigma is the largest whose mean "
+                   "validation NLL increase per member stays under this (default 0.003)")
+    p.add_argument("--overwrite", action="store_true", help="replace the posterior the run already holds")
+
     p = sub.add_parser("compare", parents=[common], help="train several methods with the same data, budget and seeds")
     p.add_argument("--config", required=True, help="YAML run config, optionally with a compare: section of "
                                                    "per-method overrides (see configs/compare_*.yaml)")
@@ -302,6 +310,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_posterior(args: argparse.Namespace) -> int:
+    if not (args.max_nll_increase > 0):  # also NaN
+        raise ValueError(f"--max-nll-increase must be a number > 0, got {args.max_nll_increase}")
+    with quiet(args.verbose):
+        from lora_ensemble.app.posterior import calibrate_tfb
+        from lora_ensemble.app.runner import load_run
+
+        run = load_run(args.checkpoint)
+        result = calibrate_tfb(run, args.checkpoint, args.max_nll_increase, overwrite=args.overwrite)
+    sigma = ", ".join(f"{v:.3g}" for v in result["sigma"])
+    print(f"TFB sigma per member {sigma} (validation NLL increase <= {result['max_nll_increase']:g} on "
+          f"{result['num_anchor']} samples); wrote {result['path']}/")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from lora_ensemble.app.predict import check_output, predict_file
 
@@ -331,7 +354,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "fit": cmd_fit, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "compare": cmd_compare, "benchmark": cmd_benchmark, "analyze": cmd_analyze}
+            "compare": cmd_compare, "benchmark": cmd_benchmark, "analyze": cmd_analyze,
+            "posterior": cmd_posterior}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,7 @@
 """`--samples K` of `evaluate` and `predict`: a run's ensemble replaced by K draws per member from the posterior
-that `fit` wrote with `training.posterior` (<run>/posterior, see lora_ensemble.posterior).
+that `fit` wrote with `training.posterior` (<run>/posterior, see lora_ensemble.posterior), or that
+`lora-ensemble posterior --checkpoint RUN` (`calibrate_tfb`) fitted afterwards on a finished run (TFB needs no
+training: sigma is found on the run's validation split).
 
     run = load_run(run_dir); use_posterior_samples(run, run_dir, 16)   # run.module.method: M * 16 members
     evaluate_samples(run, run_dir, 64, member_chunk_size=32)           # test metrics, 32 sampled members a pass
@@ -37,6 +39,31 @@ def load_posterior(run: Any, run_dir: str) -> LoraPosterior:
     if not isinstance(ensemble, LoraEnsemble):
         raise ConfigError(f"--samples draws LoRA-Ensemble members; this run's method is {type(ensemble).__name__}")
     return LoraPosterior.from_pretrained(ensemble, folder)
+
+
+def calibrate_tfb(run: Any, run_dir: str, max_nll_increase: float = 0.003, overwrite: bool = False) -> dict[str, Any]:
+    """TFB on a finished run: `LoraPosterior(ensemble, "tfb").calibrate(validation batches, max_nll_increase)`,
+    saved to <run>/posterior (what `training.posterior={method: tfb}` writes at the end of a fit), so that
+    `evaluate --samples K` and `predict --samples K` draw from it. The anchor set is the run's validation split,
+    never the test split. An existing posterior is replaced only with `overwrite`. Returns the calibration."""
+    from lora_ensemble.app.runner import POSTERIOR_DIR
+
+    folder = os.path.join(run_dir, POSTERIOR_DIR)
+    if os.path.isfile(os.path.join(folder, POSTERIOR_CONFIG)) and not overwrite:
+        raise ConfigError(f"{folder} already holds a posterior; pass --overwrite to replace it")
+    ensemble = run.module.method
+    if not isinstance(ensemble, LoraEnsemble):
+        raise ConfigError(f"a posterior is over the members of a LoRA-Ensemble; this run's method is "
+                          f"{type(ensemble).__name__}")
+    loader = run.loader("val")
+    if loader is None:
+        raise ConfigError("TFB calibrates sigma on the validation split, and this run has none (data.val_size)")
+    post = LoraPosterior(ensemble, "tfb")
+    calibration = post.calibrate(loader, max_nll_increase, seed=run.config.seed)
+    post.save_pretrained(folder)
+    return {"posterior": "tfb", "path": folder, "max_nll_increase": float(max_nll_increase),
+            "sigma": calibration.sigma.tolist(), "increase": calibration.increase.tolist(),
+            "num_anchor": calibration.num_anchor}
 
 
 def _info(post: LoraPosterior, samples: int, seed: int, scale: float) -> dict[str, Any]:
