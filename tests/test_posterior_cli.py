@@ -141,7 +141,7 @@ def test_a_posterior_needs_a_lora_ensemble_and_samples_need_a_posterior(project,
 def test_the_settings_are_filled_in_and_survive_the_saved_config(project, tmp_path):
     config = load_run_config(project / "run.yaml", ["training.posterior={method: tfb}"])
     assert config.training.posterior == {"method": "tfb", "rank": 5, "start_epoch": 0, "collect_every_n_steps": 0,
-                                         "max_nll_increase": 0.003}
+                                         "max_nll_increase": 0.003, "swa_lr": None}
 
 
 def test_a_resumed_run_continues_the_same_collection(project, tmp_path):
