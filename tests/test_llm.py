@@ -35,12 +35,7 @@ def article(n: int) -> str:
 
 
 def randomize_B(ens: LoraEnsemble) -> LoraEnsemble:
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in sorted(ens.member_parameters().items()):
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return ens.eval()
+    return tiny_models.randomize_lora_B(ens)
 
 
 def prompt_batch(max_length: int = 30):

@@ -176,3 +176,14 @@ def word_tokenizer(words: list[str]):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>")
+
+
+def randomize_lora_B(ens):
+    """Members that differ: every lora_B drawn N(0, 0.3^2) from one seeded generator (B = 0 at init makes every
+    member the frozen model); returns the ensemble in eval mode."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in sorted(ens.member_parameters().items()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return ens.eval()

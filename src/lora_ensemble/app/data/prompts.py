@@ -119,6 +119,20 @@ def leading_special_tokens(tokenizer: Any) -> list[int]:
     return []
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else its EOS token; ValueError when it has neither."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+    return pad
+
+
+def token_ids(tokenizer: Any, text: str) -> list[int]:
+    """The ids of `text` without special tokens ([] for the empty string)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
 class PromptCollator:
     """A list of `(text, label)` -> `input_ids, attention_mask: (B, L)` (right-padded, L <= max_length) and
     `labels: (B,)`, each row [BOS] + prefix + text truncated to the budget + suffix (see the module docstring)."""
@@ -136,13 +150,10 @@ class PromptCollator:
         if self.budget < 1:
             raise ValueError(f"the prompt template takes {fixed} tokens without the text; max_length={max_length} "
                              f"leaves no room for it (use max_length > {fixed})")
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
-        if self.pad_id is None:
-            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+        self.pad_id = pad_token_id(tokenizer)
 
     def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        return token_ids(self.tokenizer, text)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one prompt: [BOS] + prefix + text[:budget] + suffix."""
@@ -190,13 +201,10 @@ class ChoiceCollator:
         self._choice_ids: dict[str, list[int]] = {}
         if self.choices is not None:
             self.budget_for(self.choices)  # a choice too long for max_length is an error now, not at the first batch
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
-        if self.pad_id is None:
-            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+        self.pad_id = pad_token_id(tokenizer)
 
     def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        return token_ids(self.tokenizer, text)
 
     def _check_choices(self, choices: list, where: str) -> list[str]:
         if len(choices) != self.num_choices:
