@@ -174,7 +174,7 @@ def test_data_kind_and_choice_score_are_checked_in_the_run_config():
 
 
 @pytest.mark.parametrize("cache_trunk", [False, True])
-def test_a_multiple_choice_run_fits_and_evaluates_end_to_end_from_its_config(tmp_path, cache_trunk):
+def test_a_multiple_choice_run_fits_and_evaluates_end_to_end_from_its_config(tmp_path, capsys, cache_trunk):
     from lora_ensemble.app.cli import main
 
     data = write_jsonl(tmp_path / "q.jsonl", questions(24, k=4))
@@ -201,6 +201,38 @@ def test_a_multiple_choice_run_fits_and_evaluates_end_to_end_from_its_config(tmp
     assert saved["data"]["kind"] == "multiple_choice" and saved["data"]["choice_score"] == "sum"
     from lora_ensemble.app.runner import load_run
 
-    collate = load_run(str(run_dir), with_data=False).collate   # a plain text has no choices in this run
+    run = load_run(str(run_dir), with_data=False)
     with pytest.raises(TypeError, match="a plain text item but has no fixed choices"):
-        collate([("a question without choices", 0)])
+        run.collate([("a question without choices", 0)])   # a plain text has no choices in this run
+    if not cache_trunk:
+        _predict_reads_questions_with_their_own_choices(tmp_path, capsys, run_dir, run)
+
+
+def _predict_reads_questions_with_their_own_choices(tmp_path, capsys, run_dir, run):
+    from lora_ensemble.app.cli import main
+    from lora_ensemble.metrics import predictive
+
+    asked = [{"id": "q-a", "question": "question 3 is", "choices": ["x", "answer 1 of 3", "y", "z"]},
+             {"question": "other 1", "choices": list("dcba"), "answer": 2}]      # an answer is ignored
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", "--checkpoint", str(run_dir), "--input", str(write_jsonl(tmp_path / "ask.jsonl", asked)),
+                 "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q-a", "1"]                              # its id, else its line number
+    batch = run.collate([(q, 0) for q in asked])
+    batch.pop("labels")
+    with torch.no_grad():
+        expected = predictive(run.module.method.eval()(**batch).float() / run.module.temperature).probs
+    for row, question, p in zip(rows, asked, expected):
+        torch.testing.assert_close(torch.tensor([row[f"p_{c}"] for c in "ABCD"], dtype=p.dtype), p, atol=1e-5, rtol=1e-5)
+        k = int(p.argmax())
+        assert row["prediction"] == "ABCD"[k] and row["choice"] == question["choices"][k]
+    for bad, message in ((tmp_path / "plain.txt", "bring their own choices; give a .jsonl file"),
+                         (write_jsonl(tmp_path / "three.jsonl", [{"question": "q", "choices": list("abc")}]),
+                          "line 1 has 3 choices but the training file has 4")):
+        if bad.suffix == ".txt":
+            bad.write_text("a question without choices\n")
+        capsys.readouterr()
+        assert main(["predict", "--checkpoint", str(run_dir), "--input", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

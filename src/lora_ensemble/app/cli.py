@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", parents=[common], help="per-sample prediction, probability and uncertainty")
     p.add_argument("--checkpoint", required=True, help="run folder written by `fit` (its data is not needed)")
     p.add_argument("--input", required=True, help="text: .txt (one per line), .csv (column 'text'), .jsonl; "
+                                                  "multiple-choice runs: .jsonl of {question, choices}; "
                                                   "images/audio: a file, a folder, or a .txt list of paths")
     p.add_argument("--output", help="output file (.csv or .jsonl); default: print JSON lines")
     p.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")

@@ -5,7 +5,9 @@ p = 1/M sum_m softmax(z_m), and the uncertainty decomposition (nats)
 
     total = H[p],  aleatoric = 1/M sum_m H[softmax(z_m)],  epistemic = total - aleatoric (mutual information)
 
-plus the probability of every class. Written as CSV or JSON lines.
+plus the probability of every class. Written as CSV or JSON lines. A multiple-choice run (data.kind:
+multiple_choice) reads questions from a .jsonl input, {"question": str, "choices": [str] * K[, "id": ...]} per
+line, predicts a choice position ("A", "B", ...) and adds the chosen text as "choice".
 """
 
 from __future__ import annotations
@@ -29,12 +31,17 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
 
-def read_inputs(path: str, modality: str, sample_rate: int | None = None) -> list[tuple[str, Any]]:
-    """(id, raw input) pairs from a file or folder; see `lora-ensemble predict --help` for the layouts."""
+def read_inputs(path: str, modality: str, sample_rate: int | None = None,
+                num_choices: int | None = None) -> list[tuple[str, Any]]:
+    """(id, raw input) pairs from a file or folder; see `lora-ensemble predict --help` for the layouts.
+    `num_choices` (a multiple-choice run): a .jsonl input holds questions {"question", "choices"[, "id"]} with
+    that many choices each (an "answer" field is ignored)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"--input {path!r} not found")
     try:
+        if num_choices is not None and p.suffix == ".jsonl":
+            return _read_questions(p, num_choices)
         return _read_inputs(p, path, modality, sample_rate)
     except UnicodeDecodeError as e:
         from lora_ensemble.app.data._io import not_utf8
@@ -42,6 +49,17 @@ def read_inputs(path: str, modality: str, sample_rate: int | None = None) -> lis
         raise ConfigError(f"--input {not_utf8(path, e)}") from None
     except OSError as e:  # an unreadable image or audio file, a folder without permission
         raise ConfigError(f"--input {path}: {e}") from None
+
+
+def _read_questions(p: Path, num_choices: int) -> list[tuple[str, Any]]:
+    from lora_ensemble.app.data.multiple_choice import read_jsonl_questions
+
+    ids: list[str] = []
+    try:
+        items, _ = read_jsonl_questions(p, need_answer=False, num_choices=num_choices, ids=ids)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--input {e}") from None
+    return list(zip(ids, items))
 
 
 def _read_inputs(p: Path, path: str, modality: str, sample_rate: int | None) -> list[tuple[str, Any]]:
@@ -97,9 +115,10 @@ def predict_items(run: Any, items: list[tuple[str, Any]], batch_size: int = 32,
         logits = member_logits(batches).float()
     pred = predictive(logits / run.module.temperature)
     rows = []
-    for i, (item_id, _) in enumerate(items):
+    for i, (item_id, raw) in enumerate(items):
         k = int(pred.probs[i].argmax())
-        rows.append({"id": item_id, "prediction": names[k], "probability": float(pred.probs[i, k]),
+        choice = {"choice": raw["choices"][k]} if isinstance(raw, dict) and "choices" in raw else {}
+        rows.append({"id": item_id, "prediction": names[k], **choice, "probability": float(pred.probs[i, k]),
                      "total": float(pred.total[i]), "aleatoric": float(pred.aleatoric[i]),
                      "epistemic": float(pred.epistemic[i]),
                      **{f"p_{c}": float(pred.probs[i, j]) for j, c in enumerate(names)}})
@@ -136,7 +155,13 @@ def predict_file(checkpoint: str, input_path: str, output: str | None, batch_siz
             use_posterior_samples(run, checkpoint, samples)
         else:
             member_logits = sampled_member_logits(run, checkpoint, samples, member_chunk_size)
-    items = read_inputs(input_path, run.info.modality, run.info.sample_rate)
+    multiple_choice = run.config.data.kind == "multiple_choice"
+    own_choices = multiple_choice and getattr(run.collate, "choices", ()) is None
+    if own_choices and Path(input_path).suffix != ".jsonl":
+        raise ConfigError(f"--input {input_path!r}: this run answers questions that bring their own choices; give a "
+                          '.jsonl file with {"question": str, "choices": [str, ...]} on every line')
+    items = read_inputs(input_path, run.info.modality, run.info.sample_rate,
+                        num_choices=run.info.num_classes if multiple_choice else None)
     if not items:
         raise ConfigError(f"--input {input_path!r} holds no {run.info.modality} inputs")
     rows = predict_items(run, items, batch_size, member_logits)

@@ -23,12 +23,13 @@ FIELDS = ("question", "choices", "answer")
 LAYOUT = '{"question": str, "choices": [str, ...], "answer": int} on every line'
 
 
-def read_jsonl_questions(path: str | Path, need_answer: bool = True, num_choices: int | None = None
-                         ) -> tuple[list[dict], list[int]]:
+def read_jsonl_questions(path: str | Path, need_answer: bool = True, num_choices: int | None = None,
+                         ids: list[str] | None = None) -> tuple[list[dict], list[int]]:
     """(items {question, choices}, answers) of a JSONL file; ValueError naming the line of a bad row (missing
     field, wrong type, answer out of range, another number of choices than the file's first row or
-    `num_choices`; TypeError for a line that is not a JSON object), FileNotFoundError for a missing file. Blank lines are skipped; answers are -1 without
-    `need_answer`."""
+    `num_choices`; TypeError for a line that is not a JSON object), FileNotFoundError for a missing file. Blank
+    lines are skipped; answers are -1 without `need_answer`. `ids`, if given, receives each question's id: its
+    row's "id" field, or its 0-based line number."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"multiple-choice file {path} does not exist; expected JSONL with {LAYOUT}")
@@ -67,6 +68,8 @@ def read_jsonl_questions(path: str | Path, need_answer: bool = True, num_choices
                                  f"(an integer 0..{len(choices) - 1})")
             items.append({"question": question, "choices": list(choices)})
             answers.append(int(answer) if need_answer else -1)
+            if ids is not None:
+                ids.append(str(row.get("id", number - 1)))
     if not items:
         raise ValueError(f"multiple-choice file {path} holds no questions; expected JSONL with {LAYOUT}")
     return items, answers
