@@ -187,6 +187,39 @@ def test_swa_lr_holds_the_learning_rate_constant_from_the_collection_start(proje
     assert len(set(lrs[3:])) == 6
 
 
+@pytest.mark.parametrize("stop_after", [1, 2])  # stopped before the collection phase, and inside it
+def test_a_resumed_swa_lr_run_steps_at_the_same_rates_and_collects_the_same_moments(project, tmp_path, monkeypatch,
+                                                                                     stop_after):
+    from safetensors.torch import load_file
+
+    from lora_ensemble.app.runner import fit as run_fit
+    from lora_ensemble.lightning.posterior import PosteriorCallback
+
+    lrs: list[float] = []
+    real = PosteriorCallback.on_train_batch_start
+
+    def record(self, trainer, module, *args):
+        lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        return real(self, trainer, module, *args)
+
+    monkeypatch.setattr(PosteriorCallback, "on_train_batch_start", record)
+    config = load_run_config(project / "run.yaml", [
+        "training.epochs=3", "training.progress_bar=false",
+        "training.posterior={method: swag, rank: 2, start_epoch: 1, collect_every_n_steps: 1, swa_lr: 3e-4}"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_fit(config, str(tmp_path / "whole"))
+        whole_lrs = lrs[:]
+        lrs.clear()
+        run_fit(config, str(tmp_path / "stopped"), max_epochs=stop_after)
+        run_fit(config, str(tmp_path / "stopped"), resume=True)
+    assert len(whole_lrs) == 9 and whole_lrs[3:] == [3e-4] * 6
+    assert lrs == pytest.approx(whole_lrs, rel=1e-9, abs=0)
+    whole, resumed = (load_file(str(tmp_path / d / "posterior" / "posterior.safetensors")) for d in ("whole", "stopped"))
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert (whole[name] - resumed[name]).abs().max() < 1e-6, name
+
+
 @pytest.mark.parametrize("settings, message", [
     ("{method: tfb, swa_lr: 1e-3}", "training.posterior.swa_lr is the constant learning rate of SWAG's collection"),
     ("{method: swag, swa_lr: 0}", "training.posterior.swa_lr must be a number > 0 (or null), got 0"),

@@ -168,7 +168,8 @@ def make_trainer(config: RunConfig, run_dir: str | None, max_epochs: int | None 
     if t.posterior is not None and run_dir is not None:  # SWAG moments / TFB sigma, in <run>/posterior (issue 15)
         from lora_ensemble.lightning.posterior import PosteriorCallback
 
-        callbacks.append(PosteriorCallback(**t.posterior, path=os.path.join(run_dir, POSTERIOR_DIR)))
+        callbacks.append(PosteriorCallback(**t.posterior, path=os.path.join(run_dir, POSTERIOR_DIR),
+                                           partial=max_epochs is not None and max_epochs < t.epoch_budget))
     if run_dir is not None:  # checkpoints/last.ckpt every n steps, every epoch and on SIGTERM (checkpointing.py)
         callbacks.append(RunCheckpoint(os.path.join(run_dir, CHECKPOINT), t.checkpoint_every_n_steps,
                                        epochs=t.epoch_budget, max_steps=t.max_steps))

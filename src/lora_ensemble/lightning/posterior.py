@@ -18,7 +18,9 @@ At the end of training (`on_train_end`), when the trainer has a `BestValidation`
 its best validation epoch's weights are put back first: TFB calibrates sigma around the weights that are
 then tested, and the saved ensemble is that epoch's (the same tensors as the run's model/weights.safetensors),
 not the last epoch's. Then the posterior is written to `path` (when given) by the main process, with
-`LoraPosterior.save_pretrained` (the ensemble, and the moments or sigma).
+`LoraPosterior.save_pretrained` (the ensemble, and the moments or sigma). `partial=True` marks a fit that stops
+before the run's planned epochs to be resumed later (`runner.fit(max_epochs=...)`): unless early stopping ended
+it, its end writes nothing (the moments travel in its checkpoint; the fit that finishes writes the posterior).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class PosteriorCallback(L.Callback):
     """Builds a `LoraPosterior` over `module.method` (a LoraEnsemble) and collects / calibrates it."""
 
     def __init__(self, method: str = "swag", rank: int = 5, start_epoch: int = 0, collect_every_n_steps: int = 0,
-                 path: str | None = None, max_nll_increase: float = 0.003, swa_lr: float | None = None) -> None:
+                 path: str | None = None, max_nll_increase: float = 0.003, swa_lr: float | None = None,
+                 partial: bool = False) -> None:
         if method not in POSTERIOR_METHODS:
             raise ValueError(f"unknown posterior method {method!r}; methods: {list(POSTERIOR_METHODS)}")
         if swa_lr is not None and (method != "swag" or isinstance(swa_lr, bool)
@@ -51,7 +54,7 @@ class PosteriorCallback(L.Callback):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         self.method, self.rank, self.path = method, rank, path
         self.start_epoch, self.every = start_epoch, collect_every_n_steps
-        self.max_nll_increase = max_nll_increase
+        self.max_nll_increase, self.partial = max_nll_increase, partial
         self.posterior: LoraPosterior | None = None
         self._pending: dict[str, Any] | None = None  # moments from a checkpoint, applied once the posterior exists
         self._steps_before_batch = 0
@@ -107,7 +110,7 @@ class PosteriorCallback(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         post = self.posterior
-        if post is None:
+        if post is None or (self.partial and not trainer.should_stop):  # to be resumed: the last fit writes it
             return
         best = next((c for c in trainer.callbacks if isinstance(c, BestValidation)), None)
         if best is not None:  # the weights that will be tested (fit restores them too; restoring twice is a no-op)
