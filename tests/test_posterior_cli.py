@@ -162,19 +162,25 @@ def test_a_resumed_run_continues_the_same_collection(project, tmp_path):
         assert (whole[name] - resumed[name]).abs().max() < 1e-6, name
 
 
-def test_swa_lr_holds_the_learning_rate_constant_from_the_collection_start(project, monkeypatch):
-    """SWAG's collection phase at a constant rate: the epochs before start_epoch follow the run's warm-up + cosine
-    schedule, every optimizer step from start_epoch on runs at swa_lr exactly (3 steps an epoch here)."""
+@pytest.fixture
+def lrs(monkeypatch) -> list[float]:
+    """The learning rate of every training batch, as the optimizer holds it when the batch starts."""
     from lora_ensemble.lightning.posterior import PosteriorCallback
 
-    lrs: list[float] = []
+    seen: list[float] = []
     real = PosteriorCallback.on_train_batch_start
 
     def record(self, trainer, module, *args):
-        lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        seen.append(trainer.optimizers[0].param_groups[0]["lr"])
         return real(self, trainer, module, *args)
 
     monkeypatch.setattr(PosteriorCallback, "on_train_batch_start", record)
+    return seen
+
+
+def test_swa_lr_holds_the_learning_rate_constant_from_the_collection_start(project, lrs):
+    """SWAG's collection phase at a constant rate: the epochs before start_epoch follow the run's warm-up + cosine
+    schedule, every optimizer step from start_epoch on runs at swa_lr exactly (3 steps an epoch here)."""
     code, _ = fit(project, "swa", "training.epochs=3",
                   "training.posterior={method: swag, rank: 2, start_epoch: 1, collect_every_n_steps: 1, swa_lr: 3e-4}")
     assert code == 0 and len(lrs) == 9
@@ -188,21 +194,12 @@ def test_swa_lr_holds_the_learning_rate_constant_from_the_collection_start(proje
 
 
 @pytest.mark.parametrize("stop_after", [1, 2])  # stopped before the collection phase, and inside it
-def test_a_resumed_swa_lr_run_steps_at_the_same_rates_and_collects_the_same_moments(project, tmp_path, monkeypatch,
+def test_a_resumed_swa_lr_run_steps_at_the_same_rates_and_collects_the_same_moments(project, tmp_path, lrs,
                                                                                      stop_after):
     from safetensors.torch import load_file
 
     from lora_ensemble.app.runner import fit as run_fit
-    from lora_ensemble.lightning.posterior import PosteriorCallback
 
-    lrs: list[float] = []
-    real = PosteriorCallback.on_train_batch_start
-
-    def record(self, trainer, module, *args):
-        lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-        return real(self, trainer, module, *args)
-
-    monkeypatch.setattr(PosteriorCallback, "on_train_batch_start", record)
     config = load_run_config(project / "run.yaml", [
         "training.epochs=3", "training.progress_bar=false",
         "training.posterior={method: swag, rank: 2, start_epoch: 1, collect_every_n_steps: 1, swa_lr: 3e-4}"])
