@@ -66,13 +66,12 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("gain30-s0", {"method.init_gain": 30.0}),
     ("members2-s0", {"method.num_members": 2}), ("members8-s0", {"method.num_members": 8}),
     ("rank1-s0", {"method.r": 1}), ("rank32-s0", {"method.r": 32}),
-    *_main(1),
+    *_main(1), *_main(2),
     ("rank4-s0", {"method.r": 4}), ("rank16-s0", {"method.r": 16}),
     ("std0.02-s0", {"method.init": "gaussian", "method.init_std": 0.02}),
     ("std0.2-s0", {"method.init": "gaussian", "method.init_std": 0.2}),
     ("std2-s0", {"method.init": "gaussian", "method.init_std": 2.0}),
     ("members16-s0", {"method.num_members": 16}),
-    *_main(2),
     # measured at the new default (gain 1, lr 5e-3): these ran as members2-s0, members8-s0, rank1-s0, rank32-s0
     # and lora_ensemble-s1 after the config file changed under the study (renamed; their records say so)
     ("new-members2-s0", {**NEW, "method.num_members": 2}), ("new-members8-s0", {**NEW, "method.num_members": 8}),
