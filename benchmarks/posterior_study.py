@@ -1,21 +1,26 @@
 """Posterior members on the offline default (issue 15): do 4 trained members x K posterior draws reach 16 trained
 members? The study of docs/posterior.md, resumable.
 
-Per seed, three runs on configs/bbc_news_minilm.yaml with the sizes below (SIZE: smaller splits and inputs than
-the config, for a 2-core machine shared with other studies):
+Per seed, five runs on configs/bbc_news_minilm.yaml (gain 1, lr 5e-3, pinned) with the sizes below (SIZE: smaller
+splits and inputs than the config, for a 2-core machine):
 
-    ens4     lora_ensemble, M = 4, training.posterior swag (collected during training, see SWAG below)
-    ens16    lora_ensemble, M = 16
-    single   single_lora (M = 1), training.posterior swag (the SWAG-LoRA baseline: the same code with M = 1)
+    ens4        lora_ensemble, M = 4, training.posterior swag on the run's own cosine schedule (SWAG below)
+    ens4_swa    the same with swa_lr: the learning rate held constant through the collection (SWA below)
+    ens16       lora_ensemble, M = 16
+    single      single_lora (M = 1), as ens4 (the SWAG-LoRA baseline: the same code with M = 1)
+    single_swa  single_lora, as ens4_swa
 
 and these evaluations on the test split (+ the OOD split for OOD AUROC), each one cell:
 
-    lora_ensemble-4        ens4's trained members                      lora_ensemble-16   ens16's trained members
-    swag-K                 ens4 + K SWAG draws per member (4 K members) for K in SAMPLES
+    lora_ensemble-4 / -16  ens4's / ens16's trained members          lora_ensemble-4-swa  ens4_swa's trained members
+    swag-K, swa-K          ens4 / ens4_swa + K SWAG draws per member (4 K members) for K in SAMPLES
     tfb-K                  ens4 + K TFB draws per member: sigma calibrated on the validation split (anchor set,
                            max_nll_increase 0.003, LoraPosterior.calibrate), for K in SAMPLES
-    single_swag-16         single + 16 SWAG draws
-    (seed 0 also: EXTRA, the variants tried: SWAG scale 0 and 0.5, TFB with a 10x larger threshold)
+    single_swag-16, single_swa-16   single / single_swa + 16 SWAG draws
+
+The goal's cells (16 trained members against 4 x 16 draws) run first on every seed, then the rest. Seed 0's first
+cells ran at the default before commit 4d984c6 (gain 10, lr 2e-3) with three variants (SWAG scale 0 and 0.5, TFB at
+a 10x threshold); they are kept in docs/posterior/cells_gain10_lr2e-3/ (`--table --old`).
 
     nohup nice -n 5 python benchmarks/posterior_study.py > runs/posterior/study.log 2>&1 &   # what is not done
     python benchmarks/posterior_study.py --table       # markdown table (mean and std over the seeds measured)
@@ -51,16 +56,25 @@ RUNS = ROOT / "runs" / "posterior"
 # the offline default's schedule (3 epochs, lr 2e-3, warm-up 10, batch 16) on less data and shorter inputs:
 # 240 training articles (15 steps an epoch, 45 in all), 32 tokens, 100 / 200 / 100 val / test / OOD articles
 SIZE = ["model.max_length=32", "data.train_size=240", "data.val_size=100", "data.test_size=200", "data.ood_size=100",
-        "training.val_every_n_epochs=3", "training.progress_bar=false"]
+        "training.val_every_n_epochs=3", "training.progress_bar=false",
+        # pinned at the offline default since commit 4d984c6 (gain 1, lr 5e-3): seed 0's first cells ran at the
+        # default before it (gain 10, lr 2e-3) and are kept apart, in OLD_CELLS
+        "method.init_gain=1.0", "training.lr=5e-3"]
 # SWAG: collected every 3 optimizer steps from the second epoch on (steps 18, 21, ..., 45: 10 snapshots), the last
 # 5 deviations kept
 SWAG = "training.posterior={method: swag, rank: 5, start_epoch: 1, collect_every_n_steps: 3}"
+# SWA's schedule for the collection (training.posterior.swa_lr): the same snapshots, but from the second epoch on the
+# learning rate is held at half the peak instead of following the cosine decay, so the snapshots scatter around a
+# stationary point (SWAG's assumption) instead of trailing a still-improving trajectory
+SWA = "training.posterior={method: swag, rank: 5, start_epoch: 1, collect_every_n_steps: 3, swa_lr: 2.5e-3}"
 RUN_SETS = {
     "ens4": ["method.num_members=4", SWAG],
     "ens16": ["method.num_members=16"],
     "single": ["method.name=single_lora", SWAG],
+    "ens4_swa": ["method.num_members=4", SWA],
+    "single_swa": ["method.name=single_lora", SWA],
 }
-TRAINED = {"ens4": 4, "ens16": 16, "single": 1}
+TRAINED = {"ens4": 4, "ens16": 16, "single": 1, "ens4_swa": 4, "single_swa": 1}
 SAMPLES = (1, 4, 16)
 TFB_EPS = 0.003
 EVAL_SAMPLED = ["data.eval_batch_size=16"]  # 64 members x 16 rows per forward pass
@@ -68,21 +82,19 @@ KEYS = ("acc", "nll", "ece", "brier", "ood/auroc_entropy", "ood/auroc_mi")
 
 
 def cells(seed: int = 0) -> list[tuple[str, str, int | None, str | None, float, float]]:
-    """(cell, run, K, posterior, scale, TFB threshold) in the order they run; seed 0 adds the variants (EXTRA)."""
-    out = [("lora_ensemble-4", "ens4", None, None, 1.0, TFB_EPS)]
-    out += [(f"swag-{k}", "ens4", k, "swag", 1.0, TFB_EPS) for k in SAMPLES]
-    out += [(f"tfb-{k}", "ens4", k, "tfb", 1.0, TFB_EPS) for k in SAMPLES]
-    out += [("lora_ensemble-16", "ens16", None, None, 1.0, TFB_EPS), ("single_swag-16", "single", 16, "swag", 1.0, TFB_EPS)]
-    if seed == 0:
-        return out + EXTRA
-    first = ("lora_ensemble-4", "swag-16", "lora_ensemble-16", "tfb-16")  # the issue's goal first: a short
-    return sorted(out, key=lambda c: first.index(c[0]) if c[0] in first else len(first))  # budget answers it
+    """(cell, run, K, posterior, scale, TFB threshold): the goal's cells first, then the rest."""
+    out = [("lora_ensemble-4", "ens4", None, None, 1.0, TFB_EPS), ("lora_ensemble-16", "ens16", None, None, 1.0, TFB_EPS)]
+    out += [(f"{name}-16", run, 16, kind, 1.0, TFB_EPS) for name, run, kind in GOAL]
+    out += [(f"{name}-{k}", run, k, kind, 1.0, TFB_EPS) for name, run, kind in GOAL[:3] for k in SAMPLES if k != 16]
+    return out + [("lora_ensemble-4-swa", "ens4_swa", None, None, 1.0, TFB_EPS),
+                  ("single_swag-16", "single", 16, "swag", 1.0, TFB_EPS)]
 
 
-# what else was tried (seed 0): SWAG's means alone (scale 0: the SWA average of the collected snapshots), half
-# SWAG's standard deviation, and TFB with a 10x larger NLL threshold
-EXTRA = [("swag-1-scale0", "ens4", 1, "swag", 0.0, TFB_EPS), ("swag-4-scale0.5", "ens4", 4, "swag", 0.5, TFB_EPS),
-         ("tfb-4-eps0.03", "ens4", 4, "tfb", 1.0, 0.03)]
+# (cell name, run, posterior) of the rows the goal compares with 16 trained members, at K = 16 first
+GOAL = [("swa", "ens4_swa", "swag"), ("tfb", "ens4", "tfb"), ("swag", "ens4", "swag"), ("single_swa", "single_swa", "swag")]
+# seed 0's first cells, at gain 10 / lr 2e-3 (the offline default before commit 4d984c6), with the variants tried
+# then: SWAG's means alone (scale 0), half SWAG's standard deviation, TFB with a 10x larger NLL threshold
+OLD_CELLS = OUT / "cells_gain10_lr2e-3"
 
 
 def run_dir(seed: int, name: str) -> Path:
@@ -148,8 +160,9 @@ def evaluate_cell(seed: int, cell: str, run: str, k: int | None, posterior: str 
 
 def measure(seeds: list[int]) -> None:
     (OUT / "cells").mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
-        for cell, run, k, posterior, scale, eps in cells(seed):
+    # cell by cell over the seeds: a short budget gets the goal's cells on every seed before anything else
+    for cell, run, k, posterior, scale, eps in cells():
+        for seed in seeds:
             path = OUT / "cells" / f"{seed}-{cell}.json"
             if path.is_file():
                 continue
@@ -162,9 +175,9 @@ def measure(seeds: list[int]) -> None:
                   f"auroc_mi {row.get('ood/auroc_mi', float('nan')):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def measured() -> dict[str, list[dict[str, Any]]]:
+def measured(folder: Path = OUT / "cells") -> dict[str, list[dict[str, Any]]]:
     rows: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted((OUT / "cells").glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         row = json.loads(path.read_text())
         rows.setdefault(row["cell"], []).append(row)
     return rows
@@ -178,16 +191,16 @@ def fmt(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table() -> str:
-    rows = measured()
+def table(folder: Path = OUT / "cells") -> str:
+    rows = measured(folder)
     head = ("| cell | trained | at test | seeds | acc | NLL | ECE | Brier | OOD AUROC (entropy) | OOD AUROC (MI) "
             "| train s | inference ms/sample |")
     lines = [head, "|" + "|".join(["---"] * 12) + "|"]
-    for cell, *_ in cells(0):
+    for cell in dict.fromkeys([c[0] for c in cells()] + sorted(rows)):
         got = rows.get(cell, [])
         if not got:
             continue
-        col = lambda key: [r[key] for r in got if key in r]  # noqa: E731
+        col = lambda key, got=got: [r[key] for r in got if key in r]
         lines.append(f"| {cell} | {got[0]['trained_members']} | {got[0]['test_members']} | "
                      f"{','.join(str(r['seed']) for r in got)} | {fmt(col('acc'))} | {fmt(col('nll'))} | "
                      f"{fmt(col('ece'))} | {fmt(col('brier'))} | {fmt(col('ood/auroc_entropy'))} | "
@@ -205,7 +218,9 @@ def figure() -> Path:
     rows = measured()
     kinds = {"lora_ensemble (trained)": ["lora_ensemble-4", "lora_ensemble-16"],
              "lora_ensemble + swag": [f"swag-{k}" for k in SAMPLES],
-             "lora_ensemble + tfb": [f"tfb-{k}" for k in SAMPLES], "single_lora + swag": ["single_swag-16"]}
+             "lora_ensemble + swag (swa_lr)": [f"swa-{k}" for k in SAMPLES],
+             "lora_ensemble + tfb": [f"tfb-{k}" for k in SAMPLES], "single_lora + swag": ["single_swag-16"],
+             "single_lora + swag (swa_lr)": ["single_swa-16"]}
     names = [n for group in kinds.values() for n in group]
     seeds = sorted({r["seed"] for n in names for r in rows.get(n, [])})
     complete = [sd for sd in seeds if all(any(r["seed"] == sd for r in rows.get(n, [])) for n in names)]
@@ -233,10 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--table", action="store_true", help="print the table of the measured cells")
+    p.add_argument("--old", action="store_true", help="with --table: seed 0's cells at gain 10 / lr 2e-3")
     p.add_argument("--figure", action="store_true", help="write docs/posterior/members.png")
     args = p.parse_args(argv)
     if args.table:
-        print(table())
+        print(table(OLD_CELLS if args.old else OUT / "cells"))
         return 0
     if args.figure:
         print(figure())
