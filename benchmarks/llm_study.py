@@ -16,6 +16,7 @@ an interrupted fit continues from its checkpoint (--resume).
     nohup nice -n 5 .venv/bin/python benchmarks/llm_study.py --seeds 0 1 2 > runs/llm_study.log 2>&1 &
     .venv/bin/python benchmarks/llm_study.py --tag e10-lr2e-3 --seeds 0 --set training.epochs=10 \
         training.lr=2e-3 training.val_every_n_epochs=10      # a variant: runs named e10-lr2e-3-<run>
+    .venv/bin/python benchmarks/llm_study.py --tag e10-lr2e-3 --seeds 2 --tfb-samples 4 ...  # + TFB draws, 4 per member
     .venv/bin/python benchmarks/llm_study.py --table         # the markdown table of what is measured
 
 Results: docs/llm/<run>.json (raw results.json of the run + peak_rss_bytes, wall_s, command); run folders in
@@ -128,6 +129,44 @@ def run_job(name: str, overrides: list[str], extra: list[str]) -> None:
     print(f"{name}: done in {wall:.0f} s, peak RSS {peak / 2**20:.0f} MiB", flush=True)
 
 
+def run_tfb(run_name: str, k: int) -> None:
+    """TFB draws on a trained LoRA-Ensemble run: `lora-ensemble posterior` (sigma on the run's validation split,
+    once per run) then `evaluate --samples K`; the result is docs/llm/<run>+tfb-<K>.json."""
+    name = f"{run_name}+tfb-{k}"
+    target, run_dir, log = OUT / f"{name}.json", RUNS / run_name, RUNS / f"{name}.log"
+    if target.is_file():
+        print(f"{name}: measured ({target.relative_to(ROOT)})", flush=True)
+        return
+    if not (run_dir / "results.json").is_file():
+        print(f"{name}: skipped, {run_name} is not trained in {run_dir}", flush=True)
+        return
+    cli = [sys.executable, "-m", "lora_ensemble.app.cli"]
+    config_path = run_dir / "posterior" / "posterior_config.json"
+    calibrate_s = None
+    if not config_path.is_file():
+        print(f"{name}: calibrating sigma ({time.strftime('%H:%M:%S')})", flush=True)
+        code, _, calibrate_s = run_child([*cli, "posterior", "--checkpoint", str(run_dir)], log)
+        if code != 0:
+            print(f"{name}: posterior failed with exit code {code}; see {log}", flush=True)
+            return
+    print(f"{name}: evaluating {k} draws per member ({time.strftime('%H:%M:%S')})", flush=True)
+    raw = run_dir / f"evaluation_samples_{k}.json"
+    command = [*cli, "evaluate", "--checkpoint", str(run_dir), "--samples", str(k), "--output", str(raw)]
+    code, peak, wall = run_child(command, log)
+    if code != 0:
+        print(f"{name}: evaluate failed with exit code {code}; see {log}", flush=True)
+        return
+    results = json.loads(raw.read_text())
+    shown = [str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in command]
+    results.update(posterior_config=json.loads(config_path.read_text()), calibrate_wall_s=calibrate_s,
+                   peak_rss_bytes=peak, wall_s=wall, command=" ".join(["python", *shown[1:]]),
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=machine())
+    from lora_ensemble.io import atomic_write_bytes
+
+    atomic_write_bytes(target, (json.dumps(results, indent=2) + "\n").encode())
+    print(f"{name}: done in {wall:.0f} s, peak RSS {peak / 2**20:.0f} MiB", flush=True)
+
+
 def machine() -> str:
     import platform
 
@@ -165,6 +204,8 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run (a smoke test)")
     p.add_argument("--tag", help="name of a variant whose settings --set changes (prefixes its run names)")
     p.add_argument("--out", default=str(OUT), help="folder of the result JSONs (default docs/llm)")
+    p.add_argument("--tfb-samples", type=int, nargs="*", default=[], metavar="K",
+                   help="after the runs: TFB draws (K per member) on each trained LoRA-Ensemble run of --seeds")
     p.add_argument("--zero-shot-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.zero_shot_child:
@@ -176,6 +217,9 @@ def main() -> None:
         return print(table())
     for name, overrides in jobs(args.seeds, args.tag):
         run_job(name, overrides, args.set)
+    for name, _ in jobs(args.seeds, args.tag):
+        for k in args.tfb_samples if "lora_ensemble-seed" in name else []:
+            run_tfb(name, k)
 
 
 if __name__ == "__main__":
