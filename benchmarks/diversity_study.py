@@ -8,7 +8,7 @@ so the analysis has its control: the path between two snapshots of one member.
 
     nohup nice -n 5 python benchmarks/diversity_study.py > runs/diversity/study.log 2>&1 &   # every run not done
     python benchmarks/diversity_study.py --list          # the runs, in the order they run
-    python benchmarks/diversity_study.py --table         # markdown tables of what is measured
+    python benchmarks/diversity_study.py --table         # markdown tables: every run, then the main three over seeds
     python benchmarks/diversity_study.py --figures       # one figure per sweep into docs/diversity/
 
 A finished run is docs/diversity/<name>.json (results.json + analysis.json of the run, the overrides, the
@@ -192,6 +192,30 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def seed_table() -> str:
+    """The three main methods over the seeds measured: mean ± half-width of the 95 % t-interval over seeds."""
+    from lora_ensemble.app.stats import seed_interval
+
+    cols = ["acc", "nll", "ece", "ood_auroc_mi", "disagreement", "norm_disagreement", "member_acc", "barrier",
+            "control_barrier", "dw_cosine", "cka_last", "train_s"]
+    lines = ["| method | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for method in ("lora_ensemble", "explicit", "mc_dropout"):
+        seeds = [s for s in range(3) if load(f"{method}-s{s}") is not None]
+        if not seeds:
+            continue
+        rows = [row(load(f"{method}-s{s}")) for s in seeds]
+        cells = []
+        for c in cols:
+            values = [r[c] for r in rows if r[c] is not None]
+            if not values:
+                cells.append("–")
+                continue
+            mean, half = seed_interval(values)
+            cells.append(f"{mean:.4f}" if half is None else f"{mean:.4f} ± {half:.4f}")
+        lines.append(f"| {method} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def figures() -> list[str]:
     from lora_ensemble.app import analysis_plots
 
@@ -233,6 +257,8 @@ def main() -> int:
         return 0
     if args.table:
         print(table())
+        print()
+        print(seed_table())
         return 0
     if args.figures:
         print("\n".join(figures()))

@@ -23,7 +23,7 @@ cells ran at the default before commit 4d984c6 (gain 10, lr 2e-3) with three var
 a 10x threshold); they are kept in docs/posterior/cells_gain10_lr2e-3/ (`--table --old`).
 
     nohup nice -n 5 python benchmarks/posterior_study.py > runs/posterior/study.log 2>&1 &   # what is not done
-    python benchmarks/posterior_study.py --table       # markdown table (mean and std over the seeds measured)
+    python benchmarks/posterior_study.py --table       # markdown table (mean ± 95 % t-interval over the seeds)
     python benchmarks/posterior_study.py --figure      # docs/posterior/members.png
 
 A finished cell is docs/posterior/cells/<seed>-<cell>.json (metrics, times, the posterior's settings); it is
@@ -184,11 +184,13 @@ def measured(folder: Path = OUT / "cells") -> dict[str, list[dict[str, Any]]]:
 
 
 def fmt(values: list[float], digits: int = 4) -> str:
+    """The mean ± half-width of the 95 % t-interval over seeds (one value: the value)."""
+    from lora_ensemble.app.stats import seed_interval
+
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    mean, half = seed_interval(values)
+    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
 def table(folder: Path = OUT / "cells") -> str:
