@@ -197,7 +197,7 @@ def seed_table() -> str:
     from lora_ensemble.app.stats import seed_interval
 
     cols = ["acc", "nll", "ece", "ood_auroc_mi", "disagreement", "norm_disagreement", "member_acc", "barrier",
-            "control_barrier", "dw_cosine", "cka_last", "train_s"]
+            "control_barrier", "dw_cosine", "cka_last"]  # no train_s: the seeds ran under different loads
     lines = ["| method | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for method in ("lora_ensemble", "explicit", "mc_dropout"):
         seeds = [s for s in range(3) if load(f"{method}-s{s}") is not None]
