@@ -17,6 +17,8 @@ an interrupted fit continues from its checkpoint (--resume).
     .venv/bin/python benchmarks/llm_study.py --tag e10-lr2e-3 --seeds 0 --set training.epochs=10 \
         training.lr=2e-3 training.val_every_n_epochs=10      # a variant: runs named e10-lr2e-3-<run>
     .venv/bin/python benchmarks/llm_study.py --tag e10-lr2e-3 --seeds 2 --tfb-samples 4 ...  # + TFB draws, 4 per member
+    .venv/bin/python benchmarks/llm_study.py --config configs/smollm2_bbc_news_mc.yaml --tag mc --seeds 0 \
+        --set training.epochs=10 training.lr=2e-3 training.val_every_n_epochs=10   # multiple choice, with zero-shot
     .venv/bin/python benchmarks/llm_study.py --table         # the markdown table of what is measured
 
 Results: docs/llm/<run>.json (raw results.json of the run + peak_rss_bytes, wall_s, command); run folders in
@@ -78,11 +80,11 @@ def zero_shot_child(out: Path, extra: list[str]) -> None:
     out.write_text(json.dumps(results, indent=2))
 
 
-def jobs(seeds: list[int], tag: str | None = None) -> list[tuple[str, list[str]]]:
-    """The runs: zero-shot (not with a tag: it trains nothing), then single LoRA and LoRA-Ensemble per seed;
-    names get `<tag>-` in front when a tag names the settings changed by --set."""
-    out = [] if tag else [("zero_shot", [])]
+def jobs(seeds: list[int], tag: str | None = None, zero_shot: bool | None = None) -> list[tuple[str, list[str]]]:
+    """The runs: zero-shot (by default not with a tag: a tag names training settings, and zero-shot trains
+    nothing), then single LoRA and LoRA-Ensemble per seed; names get `<tag>-` in front."""
     prefix = f"{tag}-" if tag else ""
+    out = [(f"{prefix}zero_shot", [])] if (not tag if zero_shot is None else zero_shot) else []
     for s in seeds:
         out += [(f"{prefix}single_lora-seed{s}", [f"seed={s}", "method.name=single_lora"]),
                 (f"{prefix}lora_ensemble-seed{s}", [f"seed={s}"])]
@@ -97,9 +99,10 @@ def run_job(name: str, overrides: list[str], extra: list[str]) -> None:
         print(f"{name}: measured ({target.relative_to(ROOT)})", flush=True)
         return
     print(f"{name}: running ({time.strftime('%H:%M:%S')})", flush=True)
-    if name.startswith("zero_shot"):
-        raw = RUNS / "zero_shot.results.json"
-        command = [sys.executable, __file__, "--zero-shot-child", str(raw), *(["--set", *extra] if extra else [])]
+    if name.endswith("zero_shot"):
+        raw = RUNS / f"{name}.results.json"
+        command = [sys.executable, __file__, "--config", str(CONFIG), "--zero-shot-child", str(raw),
+                   *(["--set", *extra] if extra else [])]
     else:
         run_dir = RUNS / name
         raw = run_dir / "results.json"
@@ -116,7 +119,7 @@ def run_job(name: str, overrides: list[str], extra: list[str]) -> None:
     from lora_ensemble.app.run_config import load_run_config
 
     config = load_run_config(CONFIG, extra)
-    if name != "zero_shot":  # the resolved config the run trained with (its run folder's run_config.yaml)
+    if not name.endswith("zero_shot"):  # the resolved config the run trained with (its run folder's run_config.yaml)
         import yaml
 
         results["run_config"] = yaml.safe_load((RUNS / name / "run_config.yaml").read_text())
@@ -197,7 +200,7 @@ def table() -> str:
 
 
 def main() -> None:
-    global OUT, RUNS
+    global CONFIG, OUT, RUNS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="*", default=[0])
     p.add_argument("--table", action="store_true")
@@ -206,8 +209,14 @@ def main() -> None:
     p.add_argument("--out", default=str(OUT), help="folder of the result JSONs (default docs/llm)")
     p.add_argument("--tfb-samples", type=int, nargs="*", default=[], metavar="K",
                    help="after the runs: TFB draws (K per member) on each trained LoRA-Ensemble run of --seeds")
+    p.add_argument("--config", default=str(CONFIG), help="the run config of every run (default "
+                   "configs/smollm2_bbc_news.yaml); another config runs zero-shot too, under --tag")
     p.add_argument("--zero-shot-child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    CONFIG = Path(args.config).resolve()
+    other_config = CONFIG != ROOT / "configs" / "smollm2_bbc_news.yaml"
+    if other_config and not args.tag and not args.zero_shot_child and not args.table:
+        p.error("--config: name the variant with --tag (its runs are named <tag>-<run>)")
     if args.zero_shot_child:
         return zero_shot_child(Path(args.zero_shot_child), args.set)
     OUT = Path(args.out).resolve()
@@ -215,9 +224,9 @@ def main() -> None:
         RUNS = OUT / "runs"
     if args.table:
         return print(table())
-    for name, overrides in jobs(args.seeds, args.tag):
+    for name, overrides in jobs(args.seeds, args.tag, zero_shot=True if other_config else None):
         run_job(name, overrides, args.set)
-    for name, _ in jobs(args.seeds, args.tag):
+    for name, _ in jobs(args.seeds, args.tag, zero_shot=False):
         for k in args.tfb_samples if "lora_ensemble-seed" in name else []:
             run_tfb(name, k)
 
