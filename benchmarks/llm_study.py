@@ -199,6 +199,29 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def seed_summary() -> str:
+    """Runs that differ only in their seed (`<name>-seed<s>[+tfb-K]`), as mean ± half-width of the 95 % t-interval
+    over the seeds measured."""
+    import re
+
+    from lora_ensemble.app.stats import seed_interval
+
+    groups: dict[str, list[dict]] = {}
+    for path in sorted(OUT.glob("*.json")):
+        match = re.fullmatch(r"(.*)-seed(\d+)(.*)", path.stem)
+        if match:
+            groups.setdefault(match.group(1) + match.group(3), []).append(json.loads(path.read_text()))
+    rows = ["| runs | seeds | " + " | ".join(label for _, label in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for name, results in groups.items():
+        cells = []
+        for key, _ in METRICS:
+            values = [r["metrics"][key] for r in results if key in r["metrics"]]
+            mean, half = seed_interval(values) if values else (None, None)
+            cells.append("-" if mean is None else f"{mean:.3f}" if half is None else f"{mean:.3f} ± {half:.3f}")
+        rows.append(f"| {name} | {len(results)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     global CONFIG, OUT, RUNS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -223,7 +246,7 @@ def main() -> None:
     if OUT != ROOT / "docs" / "llm":  # a smoke run keeps its run folders beside its JSONs
         RUNS = OUT / "runs"
     if args.table:
-        return print(table())
+        return print(table() + "\n\n" + seed_summary())
     for name, overrides in jobs(args.seeds, args.tag, zero_shot=True if other_config else None):
         run_job(name, overrides, args.set)
     for name, _ in jobs(args.seeds, args.tag, zero_shot=False):
