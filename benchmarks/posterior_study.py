@@ -211,6 +211,30 @@ def table(folder: Path = OUT / "cells") -> str:
     return "\n".join(lines)
 
 
+def goal_table(folder: Path = OUT / "cells") -> str:
+    """The goal, per seed: (row - 16 trained members) for NLL and OOD AUROC, and the row's training time over the
+    16 members' (its run's train_time_s / ens16's), as mean ± 95 % t-interval over the seeds that have both."""
+    from lora_ensemble.app.stats import seed_interval
+
+    rows = measured(folder)
+    ref = {r["seed"]: r for r in rows.get("lora_ensemble-16", [])}
+    keys = [("nll", "NLL"), ("ood/auroc_entropy", "OOD AUROC (entropy)"), ("ood/auroc_mi", "OOD AUROC (MI)")]
+    lines = ["| row - 16 trained members | seeds | " + " | ".join(f"Δ {label}" for _, label in keys)
+             + " | training time / 16 members' |", "|---|---|" + "---|" * (len(keys) + 1)]
+    for cell in ["lora_ensemble-4", *(f"{name}-16" for name, _, _ in GOAL)]:
+        got = [r for r in rows.get(cell, []) if r["seed"] in ref]
+        if not got:
+            continue
+        cells = []
+        for key, _ in keys:
+            mean, half = seed_interval([r[key] - ref[r["seed"]][key] for r in got])
+            cells.append(f"{mean:+.4f}" if half is None else f"{mean:+.4f} ± {half:.4f}")
+        mean, half = seed_interval([r["train_time_s"] / ref[r["seed"]]["train_time_s"] for r in got])
+        cells.append(f"{mean:.2f}" if half is None else f"{mean:.2f} ± {half:.2f}")
+        lines.append(f"| {cell} | {','.join(str(r['seed']) for r in got)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def figure() -> Path:
     import matplotlib
 
@@ -254,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figure", action="store_true", help="write docs/posterior/members.png")
     args = p.parse_args(argv)
     if args.table:
-        print(table(OLD_CELLS if args.old else OUT / "cells"))
+        folder = OLD_CELLS if args.old else OUT / "cells"
+        print(table(folder) + "\n\n" + goal_table(folder))
         return 0
     if args.figure:
         print(figure())
