@@ -85,9 +85,10 @@ def cells(seed: int = 0) -> list[tuple[str, str, int | None, str | None, float, 
     """(cell, run, K, posterior, scale, TFB threshold): the goal's cells first, then the rest."""
     out = [("lora_ensemble-4", "ens4", None, None, 1.0, TFB_EPS), ("lora_ensemble-16", "ens16", None, None, 1.0, TFB_EPS)]
     out += [(f"{name}-16", run, 16, kind, 1.0, TFB_EPS) for name, run, kind in GOAL]
-    out += [(f"{name}-{k}", run, k, kind, 1.0, TFB_EPS) for name, run, kind in GOAL[:3] for k in SAMPLES if k != 16]
-    return out + [("lora_ensemble-4-swa", "ens4_swa", None, None, 1.0, TFB_EPS),
-                  ("single_swag-16", "single", 16, "swag", 1.0, TFB_EPS)]
+    out += [("lora_ensemble-4-swa", "ens4_swa", None, None, 1.0, TFB_EPS)]
+    out += [(f"{name}-4", run, 4, kind, 1.0, TFB_EPS) for name, run, kind in GOAL[:3]]
+    out += [("single_swag-16", "single", 16, "swag", 1.0, TFB_EPS)]
+    return out + [(f"{name}-1", run, 1, kind, 1.0, TFB_EPS) for name, run, kind in GOAL[:3]]
 
 
 # (cell name, run, posterior) of the rows the goal compares with 16 trained members, at K = 16 first
