@@ -88,7 +88,8 @@ def cells(seed: int = 0) -> list[tuple[str, str, int | None, str | None, float, 
     out += [("lora_ensemble-4-swa", "ens4_swa", None, None, 1.0, TFB_EPS)]
     out += [(f"{name}-4", run, 4, kind, 1.0, TFB_EPS) for name, run, kind in GOAL[:3]]
     out += [("single_swag-16", "single", 16, "swag", 1.0, TFB_EPS)]
-    return out + [(f"{name}-1", run, 1, kind, 1.0, TFB_EPS) for name, run, kind in GOAL[:3]]
+    out += [(f"{name}-1", run, 1, kind, 1.0, TFB_EPS) for name, run, kind in GOAL[:3]]
+    return out + [("swa-1-scale0", "ens4_swa", 1, "swag", 0.0, TFB_EPS)]  # the SWA means alone: where SWAG's NLL goes
 
 
 # (cell name, run, posterior) of the rows the goal compares with 16 trained members, at K = 16 first
