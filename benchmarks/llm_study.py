@@ -237,7 +237,7 @@ def main() -> None:
     p.add_argument("--zero-shot-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     CONFIG = Path(args.config).resolve()
-    other_config = CONFIG != ROOT / "configs" / "smollm2_bbc_news.yaml"
+    other_config = CONFIG != (ROOT / "configs" / "smollm2_bbc_news.yaml").resolve()  # configs/ may be a link
     if other_config and not args.tag and not args.zero_shot_child and not args.table:
         p.error("--config: name the variant with --tag (its runs are named <tag>-<run>)")
     if args.zero_shot_child:
