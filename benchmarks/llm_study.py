@@ -110,12 +110,9 @@ def run_job(name: str, overrides: list[str], extra: list[str]) -> None:
         command = [sys.executable, "-m", "lora_ensemble.app.cli", "fit", "--config", str(CONFIG), "--output-dir",
                    str(run_dir), "--resume" if resume else "--overwrite", "--set", *overrides,
                    "training.progress_bar=false", *extra]
-    code, peak, wall = run_child(command, log)
-    if code != 0:
-        print(f"{name}: failed with exit code {code}; see {log}", flush=True)
+    results = measured_child(name, command, log, raw)
+    if results is None:
         return
-    results = json.loads(raw.read_text())
-    shown = [str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in command]
     from lora_ensemble.app.run_config import load_run_config
 
     config = load_run_config(CONFIG, extra)
@@ -123,13 +120,29 @@ def run_job(name: str, overrides: list[str], extra: list[str]) -> None:
         import yaml
 
         results["run_config"] = yaml.safe_load((RUNS / name / "run_config.yaml").read_text())
-    results.update(steps_per_epoch=math.ceil(config.data.options["train_size"] / config.data.batch_size),
-                   peak_rss_bytes=peak, wall_s=wall, command=" ".join(["python", *shown[1:]]),
+    results["steps_per_epoch"] = math.ceil(config.data.options["train_size"] / config.data.batch_size)
+    write_result(name, target, results)
+
+
+def measured_child(name: str, command: list[str], log: Path, raw: Path, what: str = "") -> dict | None:
+    """Run `command` (run_child), then its JSON `raw` with the peak RSS, wall time, command, date and machine
+    added; None (and a line saying so) when it failed."""
+    code, peak, wall = run_child(command, log)
+    if code != 0:
+        print(f"{name}: {what}failed with exit code {code}; see {log}", flush=True)
+        return None
+    results = json.loads(raw.read_text())
+    shown = [str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in command]
+    results.update(peak_rss_bytes=peak, wall_s=wall, command=" ".join(["python", *shown[1:]]),
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=machine())
+    return results
+
+
+def write_result(name: str, target: Path, results: dict) -> None:
     from lora_ensemble.io import atomic_write_bytes
 
     atomic_write_bytes(target, (json.dumps(results, indent=2) + "\n").encode())
-    print(f"{name}: done in {wall:.0f} s, peak RSS {peak / 2**20:.0f} MiB", flush=True)
+    print(f"{name}: done in {results['wall_s']:.0f} s, peak RSS {results['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
 
 
 def run_tfb(run_name: str, k: int) -> None:
@@ -155,19 +168,11 @@ def run_tfb(run_name: str, k: int) -> None:
     print(f"{name}: evaluating {k} draws per member ({time.strftime('%H:%M:%S')})", flush=True)
     raw = run_dir / f"evaluation_samples_{k}.json"
     command = [*cli, "evaluate", "--checkpoint", str(run_dir), "--samples", str(k), "--output", str(raw)]
-    code, peak, wall = run_child(command, log)
-    if code != 0:
-        print(f"{name}: evaluate failed with exit code {code}; see {log}", flush=True)
+    results = measured_child(name, command, log, raw, what="evaluate ")
+    if results is None:
         return
-    results = json.loads(raw.read_text())
-    shown = [str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in command]
-    results.update(posterior_config=json.loads(config_path.read_text()), calibrate_wall_s=calibrate_s,
-                   peak_rss_bytes=peak, wall_s=wall, command=" ".join(["python", *shown[1:]]),
-                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=machine())
-    from lora_ensemble.io import atomic_write_bytes
-
-    atomic_write_bytes(target, (json.dumps(results, indent=2) + "\n").encode())
-    print(f"{name}: done in {wall:.0f} s, peak RSS {peak / 2**20:.0f} MiB", flush=True)
+    results.update(posterior_config=json.loads(config_path.read_text()), calibrate_wall_s=calibrate_s)
+    write_result(name, target, results)
 
 
 def machine() -> str:
