@@ -194,7 +194,7 @@ def table() -> str:
 
 def seed_table() -> str:
     """The three main methods over the seeds measured: mean ± half-width of the 95 % t-interval over seeds."""
-    from lora_ensemble.app.stats import seed_interval
+    from lora_ensemble.app.stats import format_interval
 
     cols = ["acc", "nll", "ece", "ood_auroc_mi", "disagreement", "norm_disagreement", "member_acc", "barrier",
             "control_barrier", "dw_cosine", "cka_last"]  # no train_s: the seeds ran under different loads
@@ -207,11 +207,7 @@ def seed_table() -> str:
         cells = []
         for c in cols:
             values = [r[c] for r in rows if r[c] is not None]
-            if not values:
-                cells.append("–")
-                continue
-            mean, half = seed_interval(values)
-            cells.append(f"{mean:.4f}" if half is None else f"{mean:.4f} ± {half:.4f}")
+            cells.append(format_interval(values) if values else "–")
         lines.append(f"| {method} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -80,11 +80,11 @@ def zero_shot_child(out: Path, extra: list[str]) -> None:
     out.write_text(json.dumps(results, indent=2))
 
 
-def jobs(seeds: list[int], tag: str | None = None, zero_shot: bool | None = None) -> list[tuple[str, list[str]]]:
-    """The runs: zero-shot (by default not with a tag: a tag names training settings, and zero-shot trains
-    nothing), then single LoRA and LoRA-Ensemble per seed; names get `<tag>-` in front."""
+def jobs(seeds: list[int], tag: str | None = None, zero_shot: bool = True) -> list[tuple[str, list[str]]]:
+    """The runs: zero-shot (if `zero_shot`), then single LoRA and LoRA-Ensemble per seed; names get `<tag>-` in
+    front."""
     prefix = f"{tag}-" if tag else ""
-    out = [(f"{prefix}zero_shot", [])] if (not tag if zero_shot is None else zero_shot) else []
+    out = [(f"{prefix}zero_shot", [])] if zero_shot else []
     for s in seeds:
         out += [(f"{prefix}single_lora-seed{s}", [f"seed={s}", "method.name=single_lora"]),
                 (f"{prefix}lora_ensemble-seed{s}", [f"seed={s}"])]
@@ -209,7 +209,7 @@ def seed_summary() -> str:
     over the seeds measured."""
     import re
 
-    from lora_ensemble.app.stats import seed_interval
+    from lora_ensemble.app.stats import format_interval
 
     groups: dict[str, list[dict]] = {}
     for path in sorted(OUT.glob("*.json")):
@@ -218,11 +218,7 @@ def seed_summary() -> str:
             groups.setdefault(match.group(1) + match.group(3), []).append(json.loads(path.read_text()))
     rows = ["| runs | seeds | " + " | ".join(label for _, label in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for name, results in groups.items():
-        cells = []
-        for key, _ in METRICS:
-            values = [r["metrics"][key] for r in results if key in r["metrics"]]
-            mean, half = seed_interval(values) if values else (None, None)
-            cells.append("-" if mean is None else f"{mean:.3f}" if half is None else f"{mean:.3f} ± {half:.3f}")
+        cells = [format_interval([r["metrics"][key] for r in results if key in r["metrics"]], 3) for key, _ in METRICS]
         rows.append(f"| {name} | {len(results)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -252,11 +248,13 @@ def main() -> None:
         RUNS = OUT / "runs"
     if args.table:
         return print(table() + "\n\n" + seed_summary())
-    for name, overrides in jobs(args.seeds, args.tag, zero_shot=True if other_config else None):
+    # zero-shot trains nothing, so a tag (training settings) skips it, unless the config (the protocol) is another
+    for name, overrides in jobs(args.seeds, args.tag, zero_shot=not args.tag or other_config):
         run_job(name, overrides, args.set)
-    for name, _ in jobs(args.seeds, args.tag, zero_shot=False):
-        for k in args.tfb_samples if "lora_ensemble-seed" in name else []:
-            run_tfb(name, k)
+    prefix = f"{args.tag}-" if args.tag else ""
+    for s in args.seeds:
+        for k in args.tfb_samples:
+            run_tfb(f"{prefix}lora_ensemble-seed{s}", k)
 
 
 if __name__ == "__main__":

@@ -187,12 +187,9 @@ def measured(folder: Path = OUT / "cells") -> dict[str, list[dict[str, Any]]]:
 
 def fmt(values: list[float], digits: int = 4) -> str:
     """The mean ± half-width of the 95 % t-interval over seeds (one value: the value)."""
-    from lora_ensemble.app.stats import seed_interval
+    from lora_ensemble.app.stats import format_interval
 
-    if not values:
-        return "-"
-    mean, half = seed_interval(values)
-    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
+    return format_interval(values, digits)
 
 
 def table(folder: Path = OUT / "cells") -> str:

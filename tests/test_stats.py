@@ -74,3 +74,11 @@ def test_mismatched_test_sets_are_refused():
     a, b, y = two_methods(10, seed=0)
     with pytest.raises(ValueError, match=r"\(N=10, C\)"):
         paired_bootstrap([a], [b[:5]], y)
+
+
+def test_format_interval_writes_the_mean_and_the_t_half_width():
+    from lora_ensemble.app.stats import format_interval
+
+    assert format_interval([1.0, 2.0, 3.0], 3) == "2.000 ± 2.484"  # t_{0.975, 2} * 1 / sqrt(3)
+    assert format_interval([1.5]) == "1.5000"
+    assert format_interval([]) == "-"

@@ -55,6 +55,14 @@ def seed_interval(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, t_quantile_975(n - 1) * s / math.sqrt(n)
 
 
+def format_interval(values: Sequence[float], digits: int = 4) -> str:
+    """`seed_interval` as text: "mean ± half-width" ("mean" alone for one value, "-" for none)."""
+    if not values:
+        return "-"
+    mean, half = seed_interval(values)
+    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
 def _per_sample(probs: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """The per-sample pieces of each statistic: nll_i, brier_i, and for ECE (bin_i, correct_i - conf_i)."""
     p = probs.to(torch.float64)
