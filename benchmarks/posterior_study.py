@@ -42,6 +42,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,7 @@ RUNS = ROOT / "runs" / "posterior"
 SIZE = ["model.max_length=32", "data.train_size=240", "data.val_size=100", "data.test_size=200", "data.ood_size=100",
         "training.val_every_n_epochs=3", "training.progress_bar=false",
         # pinned at the offline default since commit 4d984c6 (gain 1, lr 5e-3): seed 0's first cells ran at the
-        # default before it (gain 10, lr 2e-3) and are kept apart, in OLD_CELLS
+        # default before it (gain 10, lr 2e-3) and are kept apart (the gain10 study)
         "method.init_gain=1.0", "training.lr=5e-3"]
 # SWAG: collected every 3 optimizer steps from the second epoch on (steps 18, 21, ..., 45: 10 snapshots), the last
 # 5 deviations kept
@@ -82,7 +84,7 @@ KEYS = ("acc", "nll", "ece", "brier", "ood/auroc_entropy", "ood/auroc_mi")
 
 
 def cells(seed: int = 0) -> list[tuple[str, str, int | None, str | None, float, float]]:
-    """(cell, run, K, posterior, scale, TFB threshold): the goal's cells first, then the rest."""
+    """(cell, run, K, posterior, scale, TFB threshold) of the default study: the goal's cells first, then the rest."""
     out = [("lora_ensemble-4", "ens4", None, None, 1.0, TFB_EPS), ("lora_ensemble-16", "ens16", None, None, 1.0, TFB_EPS)]
     out += [(f"{name}-16", run, 16, kind, 1.0, TFB_EPS) for name, run, kind in GOAL]
     out += [("lora_ensemble-4-swa", "ens4_swa", None, None, 1.0, TFB_EPS)]
@@ -92,39 +94,75 @@ def cells(seed: int = 0) -> list[tuple[str, str, int | None, str | None, float, 
     return out + [("swa-1-scale0", "ens4_swa", 1, "swag", 0.0, TFB_EPS)]  # the SWA means alone: where SWAG's NLL goes
 
 
+def issue_cells() -> list[tuple[str, str, int | None, str | None, float, float]]:
+    """The issue's rows alone (no swa_lr runs), the goal's cells first; plus SWAG's means alone (scale 0)."""
+    out = [("lora_ensemble-4", "ens4", None, None, 1.0, TFB_EPS), ("lora_ensemble-16", "ens16", None, None, 1.0, TFB_EPS)]
+    out += [(f"{name}-16", "ens4", 16, name, 1.0, TFB_EPS) for name in ("tfb", "swag")]
+    out += [("swag-1-scale0", "ens4", 1, "swag", 0.0, TFB_EPS), ("single_swag-16", "single", 16, "swag", 1.0, TFB_EPS)]
+    return out + [(f"{name}-{k}", "ens4", k, name, 1.0, TFB_EPS) for k in (4, 1) for name in ("tfb", "swag")]
+
+
+def goal_cells() -> list[tuple[str, str, int | None, str | None, float, float]]:
+    """The goal's cells and SWAG's means alone: what the gain-10 setting (where 16 members beat 4) is run for."""
+    return issue_cells()[:5]
+
+
 # (cell name, run, posterior) of the rows the goal compares with 16 trained members, at K = 16 first
 GOAL = [("swa", "ens4_swa", "swag"), ("tfb", "ens4", "tfb"), ("swag", "ens4", "swag"), ("single_swa", "single_swa", "swag")]
-# seed 0's first cells, at gain 10 / lr 2e-3 (the offline default before commit 4d984c6), with the variants tried
-# then: SWAG's means alone (scale 0), half SWAG's standard deviation, TFB with a 10x larger NLL threshold
-OLD_CELLS = OUT / "cells_gain10_lr2e-3"
 
 
-def run_dir(seed: int, name: str) -> Path:
-    return RUNS / f"seed{seed}" / name
+@dataclass(frozen=True)
+class Study:
+    """One setting of the study: overrides on top of SIZE, where its cells and runs go, which cells it measures."""
+    overrides: tuple[str, ...]
+    cells: Path
+    runs: Path
+    cell_list: Callable[[], list[tuple[str, str, int | None, str | None, float, float]]]
+    title: str
 
 
-def train(seed: int, name: str) -> dict[str, Any]:
+STUDIES = {
+    "default": Study((), OUT / "cells", RUNS, cells, "BBC News / MiniLM"),
+    # seed 0's first cells ran at the offline default before commit 4d984c6 (gain 10, lr 2e-3), with three variants
+    # (SWAG scale 0 and 0.5, TFB at a 10x threshold); seeds 1 and 2 pin that default: 16 trained members beat 4 there
+    "gain10": Study(("method.init_gain=10.0", "training.lr=2e-3"), OUT / "cells_gain10_lr2e-3", RUNS / "gain10",
+                    goal_cells, "BBC News / MiniLM, gain 10, lr 2e-3"),
+    # the comparison's second offline dataset (docs/results.md): negative vs positive tweets, neutral ones as OOD
+    "tweets": Study(("data.name=tweet_sentiment", "data.ood_class=neutral"), OUT / "cells_tweets", RUNS / "tweets",
+                    issue_cells, "tweet sentiment / MiniLM"),
+}
+
+
+def run_dir(study: Study, seed: int, name: str) -> Path:
+    return study.runs / f"seed{seed}" / name
+
+
+def overrides(study: Study, seed: int, run: str) -> list[str]:
+    return [*SIZE, *study.overrides, f"seed={seed}", *RUN_SETS[run]]
+
+
+def train(study: Study, seed: int, name: str) -> dict[str, Any]:
     from lora_ensemble.app.run_config import load_run_config
     from lora_ensemble.app.runner import fit
 
-    folder = run_dir(seed, name)
+    folder = run_dir(study, seed, name)
     done = folder / "results.json"
     if not done.is_file():
-        config = load_run_config(CONFIG, [*SIZE, f"seed={seed}", *RUN_SETS[name]])
+        config = load_run_config(CONFIG, overrides(study, seed, name))
         print(f"[{time.strftime('%H:%M:%S')}] fit seed {seed} {name}", flush=True)
         with contextlib.redirect_stdout(io.StringIO()):
             fit(config, str(folder), overwrite=True)
     return json.loads(done.read_text())
 
 
-def evaluate_cell(seed: int, cell: str, run: str, k: int | None, posterior: str | None, scale: float = 1.0,
+def evaluate_cell(study: Study, seed: int, cell: str, run: str, k: int | None, posterior: str | None, scale: float = 1.0,
                   eps: float = TFB_EPS) -> dict[str, Any]:
     from lora_ensemble import LoraPosterior
     from lora_ensemble.app.posterior import use_posterior_samples
     from lora_ensemble.app.runner import load_run, make_trainer, test
 
-    trained = train(seed, run)
-    folder = run_dir(seed, run)
+    trained = train(study, seed, run)
+    folder = run_dir(study, seed, run)
     loaded = load_run(str(folder), EVAL_SAMPLED if k else [])
     extra: dict[str, Any] = {}
     start = time.perf_counter()
@@ -155,29 +193,29 @@ def evaluate_cell(seed: int, cell: str, run: str, k: int | None, posterior: str 
         "posterior_prepare_s": prepare_s,
         **{key if key.startswith("posterior_") else f"posterior_{key}": v for key, v in extra.items()
            if key not in ("samples", "posterior")},
-        "overrides": [*SIZE, f"seed={seed}", *RUN_SETS[run]], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU (shared with other studies)",
+        "overrides": overrides(study, seed, run), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
     }
 
 
-def measure(seeds: list[int]) -> None:
-    (OUT / "cells").mkdir(parents=True, exist_ok=True)
+def measure(study: Study, seeds: list[int]) -> None:
+    study.cells.mkdir(parents=True, exist_ok=True)
     # cell by cell over the seeds: a short budget gets the goal's cells on every seed before anything else
-    for cell, run, k, posterior, scale, eps in cells():
+    for cell, run, k, posterior, scale, eps in study.cell_list():
         for seed in seeds:
-            path = OUT / "cells" / f"{seed}-{cell}.json"
+            path = study.cells / f"{seed}-{cell}.json"
             if path.is_file():
                 continue
             t0 = time.perf_counter()
-            row = evaluate_cell(seed, cell, run, k, posterior, scale, eps)
+            row = evaluate_cell(study, seed, cell, run, k, posterior, scale, eps)
             from lora_ensemble.io import atomic_write_bytes
 
             atomic_write_bytes(path, json.dumps(row, indent=2).encode())
-            print(f"[{time.strftime('%H:%M:%S')}] seed {seed} {cell}: nll {row['nll']:.4f} acc {row['acc']:.4f} "
+            print(f"[{time.strftime('%H:%M:%S')}] {study.cells.name} seed {seed} {cell}: nll {row['nll']:.4f} acc {row['acc']:.4f} "
                   f"auroc_mi {row.get('ood/auroc_mi', float('nan')):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def measured(folder: Path = OUT / "cells") -> dict[str, list[dict[str, Any]]]:
+def measured(folder: Path) -> dict[str, list[dict[str, Any]]]:
     rows: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(folder.glob("*.json")):
         row = json.loads(path.read_text())
@@ -192,12 +230,12 @@ def fmt(values: list[float], digits: int = 4) -> str:
     return format_interval(values, digits)
 
 
-def table(folder: Path = OUT / "cells") -> str:
-    rows = measured(folder)
+def table(study: Study) -> str:
+    rows = measured(study.cells)
     head = ("| cell | trained | at test | seeds | acc | NLL | ECE | Brier | OOD AUROC (entropy) | OOD AUROC (MI) "
             "| train s | inference ms/sample |")
     lines = [head, "|" + "|".join(["---"] * 12) + "|"]
-    for cell in dict.fromkeys([c[0] for c in cells()] + sorted(rows)):
+    for cell in dict.fromkeys([c[0] for c in study.cell_list()] + sorted(rows)):
         got = rows.get(cell, [])
         if not got:
             continue
@@ -210,17 +248,18 @@ def table(folder: Path = OUT / "cells") -> str:
     return "\n".join(lines)
 
 
-def goal_table(folder: Path = OUT / "cells") -> str:
+def goal_table(study: Study) -> str:
     """The goal, per seed: (row - 16 trained members) for NLL and OOD AUROC, and the row's training time over the
     16 members' (its run's train_time_s / ens16's), as mean ± 95 % t-interval over the seeds that have both."""
     from lora_ensemble.app.stats import seed_interval
 
-    rows = measured(folder)
+    rows = measured(study.cells)
     ref = {r["seed"]: r for r in rows.get("lora_ensemble-16", [])}
     keys = [("nll", "NLL"), ("ood/auroc_entropy", "OOD AUROC (entropy)"), ("ood/auroc_mi", "OOD AUROC (MI)")]
     lines = ["| row - 16 trained members | seeds | " + " | ".join(f"Δ {label}" for _, label in keys)
              + " | training time / 16 members' |", "|---|---|" + "---|" * (len(keys) + 1)]
-    for cell in ["lora_ensemble-4", *(f"{name}-16" for name, _, _ in GOAL)]:
+    goal = ["lora_ensemble-4", *(f"{name}-16" for name, _, _ in GOAL), "single_swag-16"]
+    for cell in [c for c in goal if c in rows]:
         got = [r for r in rows.get(cell, []) if r["seed"] in ref]
         if not got:
             continue
@@ -234,25 +273,25 @@ def goal_table(folder: Path = OUT / "cells") -> str:
     return "\n".join(lines)
 
 
-def figure() -> Path:
+def figure(study: Study) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = measured()
+    rows = measured(study.cells)
     kinds = {"lora_ensemble (trained)": ["lora_ensemble-4", "lora_ensemble-16"],
              "lora_ensemble + swag": [f"swag-{k}" for k in SAMPLES],
              "lora_ensemble + swag (swa_lr)": [f"swa-{k}" for k in SAMPLES],
              "lora_ensemble + tfb": [f"tfb-{k}" for k in SAMPLES], "single_lora + swag": ["single_swag-16"],
              "single_lora + swag (swa_lr)": ["single_swa-16"]}
-    names = [n for group in kinds.values() for n in group]
+    names = [n for group in kinds.values() for n in group if n in rows]
     seeds = sorted({r["seed"] for n in names for r in rows.get(n, [])})
     complete = [sd for sd in seeds if all(any(r["seed"] == sd for r in rows.get(n, [])) for n in names)]
     rows = {n: [r for r in rows.get(n, []) if r["seed"] in complete] for n in names}  # seeds with every cell
     rows = {n: got for n, got in rows.items() if got}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    fig.suptitle(f"posterior members, BBC News / MiniLM (mean over seeds {complete})", fontsize=10)
+    fig.suptitle(f"posterior members, {study.title} (mean over seeds {complete})", fontsize=10)
     for ax, key, label in ((axes[0], "nll", "test NLL"), (axes[1], "ood/auroc_mi", "OOD AUROC (MI)")):
         for kind, names in kinds.items():
             pts = [(rows[n][0]["test_members"], statistics.mean(r[key] for r in rows[n])) for n in names if n in rows]
@@ -264,7 +303,7 @@ def figure() -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    path = OUT / "members.png"
+    path = OUT / ("members.png" if study is STUDIES["default"] else f"members_{study.cells.name.removeprefix('cells_')}.png")
     fig.savefig(path, dpi=120)
     return path
 
@@ -272,19 +311,21 @@ def figure() -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--study", choices=sorted(STUDIES), default="default",
+                   help="the setting: default (the offline default at gain 1, lr 5e-3), gain10 (gain 10, lr 2e-3), "
+                        "tweets (tweet sentiment)")
     p.add_argument("--table", action="store_true", help="print the table of the measured cells")
-    p.add_argument("--old", action="store_true", help="with --table: seed 0's cells at gain 10 / lr 2e-3")
-    p.add_argument("--figure", action="store_true", help="write docs/posterior/members.png")
+    p.add_argument("--figure", action="store_true", help="write the figure docs/posterior/members*.png")
     args = p.parse_args(argv)
+    study = STUDIES[args.study]
     if args.table:
-        folder = OLD_CELLS if args.old else OUT / "cells"
-        print(table(folder) + "\n\n" + goal_table(folder))
+        print(table(study) + "\n\n" + goal_table(study))
         return 0
     if args.figure:
-        print(figure())
+        print(figure(study))
         return 0
-    measure(args.seeds)
-    print(table())
+    measure(study, args.seeds)
+    print(table(study))
     return 0
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_ensemble import LoraEnsemble, LoraPosterior
-from lora_ensemble.posterior.shared import frozen_tensors
+from lora_ensemble.posterior.shared import ensemble_like, frozen_tensors
 from tiny_models import NUM_LABELS, build, call
 
 
@@ -137,6 +137,38 @@ def test_sample_leaves_the_original_untouched_and_holds_no_copy_of_the_frozen_we
     loaded = LoraEnsemble.from_pretrained(fresh, tmp_path / "sampled").eval()
     with torch.no_grad():
         assert torch.allclose(call(loaded, batch), call(sampled, batch), atol=1e-6)
+
+
+def test_an_ensemble_of_another_rank_on_the_same_backbone_holds_the_mean_of_two_updates():
+    # ensemble_like(ens, M, r=2r): rank-2r adapters on ens's frozen tensors; A = [A1; A2], B = [B1, B2] / 2 make
+    # B A = (B1 A1 + B2 A2) / 2, the mean of two updates (benchmarks/swa_mean_gap.py's mean_dW); zero second
+    # factors give back ens's members exactly
+    ens, make_batch = ensemble("bert", M=3, r=2)
+    perturb(ens, 0.05, seed=1)
+    params = {n: p.detach().clone() for n, p in ens.member_parameters().items()}
+    wide = ensemble_like(ens, 3, r=4).eval()
+    assert wide.ensemble_config.r == 4 and ens.ensemble_config.r == 2
+    assert {t.data_ptr() for t in frozen_tensors(wide)} <= {t.data_ptr() for t in frozen_tensors(ens)}
+    padded = {n: torch.cat([p, torch.zeros_like(p)], dim=1 if n.endswith("lora_A") else 2) if "lora_" in n else p
+              for n, p in params.items()}
+    wide.load_member_state(padded)
+    batch = make_batch(4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(call(wide, batch), call(ens, batch), atol=1e-6)
+        for m in range(3):
+            assert torch.allclose(call(wide.member(m), batch), call(ens, batch)[m], atol=1e-5)
+
+    other = {n: p + 0.1 * torch.randn_like(p) for n, p in params.items()}
+    wide.load_member_state({n: torch.cat([p, other[n]], dim=1) if n.endswith("lora_A") else
+                            torch.cat([p, other[n]], dim=2) / 2 if n.endswith("lora_B") else p
+                            for n, p in params.items()})
+    layers = [(n, mod) for n, mod in wide.model.named_modules() if hasattr(mod, "delta_weight")]
+    assert layers
+    for name, layer in layers:
+        A, B = params[f"{name}.lora_A"], params[f"{name}.lora_B"]
+        A2, B2 = other[f"{name}.lora_A"], other[f"{name}.lora_B"]
+        for m in range(3):
+            assert torch.allclose(layer.delta_weight(m), (B[m] @ A[m] + B2[m] @ A2[m]) / 2, atol=1e-6)
 
 
 def test_member_chunks_give_the_sampled_ensembles_logits():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import Any
 
 import torch
 
@@ -35,9 +36,11 @@ def frozen_tensors(ens: LoraEnsemble) -> list[torch.Tensor]:
     return result
 
 
-def ensemble_like(ens: LoraEnsemble, num_members: int) -> LoraEnsemble:
+def ensemble_like(ens: LoraEnsemble, num_members: int, **config_changes: Any) -> LoraEnsemble:
     """A new `LoraEnsemble` with `num_members` members (freshly initialised, on the devices and dtypes of
-    `ens`'s members) on the frozen tensors of `ens` (shared, not copied); `ens` is left as it was."""
+    `ens`'s members) on the frozen tensors of `ens` (shared, not copied); `ens` is left as it was.
+    `config_changes` replace further fields of `ens.ensemble_config` for the new members (e.g. `r=64`: adapters
+    of another rank on the same backbone)."""
     if not isinstance(ens, LoraEnsemble):
         raise TypeError(f"ensemble_like needs a LoraEnsemble, got {type(ens).__name__}")
     if getattr(ens, "_unloaded", False):
@@ -49,7 +52,7 @@ def ensemble_like(ens: LoraEnsemble, num_members: int) -> LoraEnsemble:
     for name, original in ens._replaced.items():
         memo[id(ens.model.get_submodule(name))] = copy.deepcopy(original, memo)
     twin = copy.deepcopy(ens.model, memo)
-    sampled = LoraEnsemble(twin, ens.ensemble_config.replace(num_members=num_members))
+    sampled = LoraEnsemble(twin, ens.ensemble_config.replace(**{**config_changes, "num_members": num_members}))
     sampled._requires_grad = dict(ens._requires_grad)  # unload() gives back what the user's model had
     if "return_dict" in vars(ens):
         sampled.return_dict = ens.return_dict
