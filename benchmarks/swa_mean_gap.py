@@ -134,7 +134,7 @@ def measure_run(seed: int, run: str) -> dict[str, Any]:
     from lora_ensemble.app.posterior import load_posterior
     from lora_ensemble.app.run_config import load_run_config
     from lora_ensemble.app.runner import fit, load_run, make_trainer, test
-    from lora_ensemble.posterior.shared import ensemble_like
+    from lora_ensemble.core.twin import ensemble_like
 
     folder = RUNS / f"seed{seed}" / run
     overrides = [*study.SIZE, f"seed={seed}", *RUN_SETS[run]]

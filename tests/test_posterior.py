@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_ensemble import LoraEnsemble, LoraPosterior
-from lora_ensemble.posterior.shared import ensemble_like, frozen_tensors
+from lora_ensemble.core.twin import ensemble_like, frozen_tensors
 from tiny_models import NUM_LABELS, build, call
 
 
@@ -140,10 +140,11 @@ def test_sample_leaves_the_original_untouched_and_holds_no_copy_of_the_frozen_we
 
 
 def test_an_ensemble_of_another_rank_on_the_same_backbone_holds_the_mean_of_two_updates():
-    # ensemble_like(ens, M, r=2r): rank-2r adapters on ens's frozen tensors; A = [A1; A2], B = [B1, B2] / 2 make
-    # B A = (B1 A1 + B2 A2) / 2, the mean of two updates (benchmarks/swa_mean_gap.py's mean_dW); zero second
-    # factors give back ens's members exactly
-    ens, make_batch = ensemble("bert", M=3, r=2)
+    # ensemble_like(ens, M, r=2r): rank-2r adapters on ens's frozen tensors at ens's scaling s (lora_alpha / r, not
+    # lora_alpha / 2r); A = [A1; A2], B = [B1, B2] / 2 make s B A = s (B1 A1 + B2 A2) / 2, the mean of two updates
+    # (benchmarks/swa_mean_gap.py's mean_dW); zero second factors give back ens's members exactly
+    model, make_batch = build("bert", 0)
+    ens = LoraEnsemble(model, num_members=3, r=2, lora_alpha=4.0).eval()  # s = 2
     perturb(ens, 0.05, seed=1)
     params = {n: p.detach().clone() for n, p in ens.member_parameters().items()}
     wide = ensemble_like(ens, 3, r=4).eval()
@@ -168,7 +169,7 @@ def test_an_ensemble_of_another_rank_on_the_same_backbone_holds_the_mean_of_two_
         A, B = params[f"{name}.lora_A"], params[f"{name}.lora_B"]
         A2, B2 = other[f"{name}.lora_A"], other[f"{name}.lora_B"]
         for m in range(3):
-            assert torch.allclose(layer.delta_weight(m), (B[m] @ A[m] + B2[m] @ A2[m]) / 2, atol=1e-6)
+            assert torch.allclose(layer.delta_weight(m), 2.0 * (B[m] @ A[m] + B2[m] @ A2[m]) / 2, atol=1e-6)
 
 
 def test_member_chunks_give_the_sampled_ensembles_logits():

@@ -18,7 +18,6 @@ snapshots of ONE member (an earlier state of the same training run, `end_state`)
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -27,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from lora_ensemble.core.batch import output_tensor
-from lora_ensemble.core.ensemble import LoraEnsemble, set_submodule
-from lora_ensemble.core.layers import LoraEnsembleFusedLinear, LoraEnsembleLinear
+from lora_ensemble.core.ensemble import LoraEnsemble
+from lora_ensemble.core.twin import ensemble_like
 
 
 def grid(num_points: int = 11) -> list[float]:
@@ -44,18 +43,6 @@ def member_pairs(num_members: int, max_pairs: int | None = None, seed: int = 0) 
     if max_pairs is not None and len(pairs) > max_pairs:
         pairs = sorted(random.Random(seed).sample(pairs, max_pairs))
     return pairs
-
-
-def _plain_model(ensemble: LoraEnsemble) -> nn.Module:
-    """A copy of the ensemble's model as it was before wrapping (original targets and heads), sharing every
-    frozen parameter with `ensemble` (nothing of the frozen weights is copied)."""
-    if getattr(ensemble, "_unloaded", False):
-        raise ValueError("this LoraEnsemble was unloaded; a path needs the ensemble itself")
-    memo: dict[int, Any] = {id(p): p for p in ensemble.model.parameters() if not p.requires_grad}
-    model = copy.deepcopy(ensemble.model, memo)
-    for name, original in ensemble._replaced.items():
-        set_submodule(model, name, copy.deepcopy(original, memo))
-    return model
 
 
 def path_ensemble(ensemble: LoraEnsemble, pairs: Sequence[tuple[int, int]], alphas: Sequence[float],
@@ -78,12 +65,8 @@ def path_ensemble(ensemble: LoraEnsemble, pairs: Sequence[tuple[int, int]], alph
     end = start if end_state is None else dict(end_state)
     if set(end) != set(start) or any(end[n].shape != start[n].shape for n in start):
         raise ValueError("end_state does not hold the same per-member tensors as the ensemble")
-    config = ensemble.ensemble_config
-    path = LoraEnsemble(_plain_model(ensemble), config.replace(num_members=len(pairs) * G, r=2 * config.r,
-                                                               lora_dropout=0.0))
-    for name, layer in path.model.named_modules():  # keep the members' own scaling (alpha / r would halve it)
-        if isinstance(layer, (LoraEnsembleLinear, LoraEnsembleFusedLinear)):
-            layer.scaling = ensemble.model.get_submodule(name).scaling
+    # the members' own scaling at rank 2r (ensemble_like keeps it; alpha / 2r would halve it)
+    path = ensemble_like(ensemble, len(pairs) * G, r=2 * ensemble.ensemble_config.r, lora_dropout=0.0)
     params = path.member_parameters()
     if set(params) != set(start):
         raise ValueError("the path ensemble's per-member tensors do not match the ensemble's")

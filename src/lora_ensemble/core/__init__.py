@@ -9,6 +9,7 @@
     ensemble.py    LoraEnsemble: injection, forward, member(m), checkpoints
     trunk.py       the shared trunk: frozen blocks before the first adapted one run on B rows
     trunk_cache.py TrunkCache: the shared trunk's output kept per training sample
+    twin.py        ensemble_like: another LoraEnsemble (N members, any rank) on the frozen tensors of one
 
 Imports only torch, safetensors and `lora_ensemble.io`.
 """

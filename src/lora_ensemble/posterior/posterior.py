@@ -12,7 +12,7 @@ Sampled member j = m * K + k (m the trained member, k the draw) gets draw k of m
 members (`member_logits(..., member_chunk_size=...)`) is drawn without the others. `scale` multiplies the
 standard deviation (0 gives the means: SWAG's running mean, TFB's trained tensors).
 
-The sampled ensemble is built by `shared.ensemble_like` on a twin of the wrapped model that holds the same
+The sampled ensemble is built by `core.twin.ensemble_like` on a twin of the wrapped model that holds the same
 frozen tensors (see there): one copy of the frozen weights, and `ens` is left untouched.
 
 Files (`save_pretrained(dir)`, each written atomically): the ensemble itself (`LoraEnsemble.save_pretrained`:
@@ -34,9 +34,9 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
 from lora_ensemble.core.ensemble import LoraEnsemble
+from lora_ensemble.core.twin import ensemble_like
 from lora_ensemble.io import atomic_write_bytes, check_fingerprint, read_weights, resolve_checkpoint
 from lora_ensemble.posterior.evaluation import chunked_member_logits, member_nll, split_batch
-from lora_ensemble.posterior.shared import ensemble_like
 from lora_ensemble.posterior.swag import SwagMoments
 from lora_ensemble.posterior.tfb import TfbCalibration, calibration_noise, is_lora_A, rms_per_member, search_sigma
 
@@ -123,7 +123,7 @@ class LoraPosterior:
                   steps: int = 20) -> TfbCalibration:
         """TFB: sigma_m = the largest sigma with f_m(sigma) <= max_nll_increase on the anchor `batches` (kept in
         memory; they must carry labels), by binary search (see `tfb.py`). One pass of the M members over the
-        anchors per search step; the ensemble is not changed (the passes run on a twin, see `shared.py`)."""
+        anchors per search step; the ensemble is not changed (the passes run on a twin, see `core/twin.py`)."""
         if self.method != "tfb":
             raise ValueError(f"calibrate() finds TFB's sigma; this posterior is method={self.method!r} "
                              "(use collect() during training)")
