@@ -88,6 +88,34 @@ def test_draws_match_the_swag_moments_and_are_reproducible_from_the_seed():
     assert torch.equal(means[2:], mean[:width].view(shape).expand(2, *shape).to(means.dtype))
 
 
+def test_swag_without_heads_covers_the_adapters_alone_and_every_draw_keeps_its_members_head(tmp_path):
+    ens, make_batch = ensemble("bert", M=2)
+    post = LoraPosterior(ens, method="swag", rank=3, include_heads=False)
+    for i in range(4):
+        perturb(ens, 0.1, seed=20 + i)  # heads move too: a head Gaussian would have spread
+        post.collect()
+    params = {n: p.detach().clone() for n, p in ens.member_parameters().items()}
+    heads = [n for n in params if "lora_" not in n]
+    assert heads and set(post.swag.mean) == {n for n in params if "lora_" in n}
+    sampled = post.sample(5, seed=3)
+    for name, p in sampled.member_parameters().items():
+        if name in heads:  # the trained head, in every draw of its member
+            assert torch.equal(p, params[name].repeat_interleave(5, dim=0)), name
+        else:
+            assert not torch.equal(p, params[name].repeat_interleave(5, dim=0)), name
+    with_heads = LoraPosterior(ens, method="swag", rank=3)
+    with_heads.collect()
+    with_heads.collect()
+    assert with_heads.include_heads and set(with_heads.swag.mean) == set(params)
+
+    post.save_pretrained(tmp_path / "post")
+    loaded = LoraPosterior.from_pretrained(build("bert")[0], tmp_path / "post")
+    assert loaded.include_heads is False and set(loaded.swag.mean) == set(post.swag.mean)
+    batch = make_batch(3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(call(loaded.sample(5, seed=3).eval(), batch), call(sampled.eval(), batch), atol=1e-6)
+
+
 def test_draws_are_nested_in_k_and_a_new_seed_gives_other_members():
     ens, make_batch = ensemble("plain")
     post = LoraPosterior(ens, rank=2)
@@ -253,6 +281,10 @@ def one_line(excinfo) -> str:
 
 def test_errors_are_one_clear_line(tmp_path):
     ens, make_batch = ensemble("plain")
+    with pytest.raises(ValueError, match="include_heads=True is for SWAG: TFB perturbs the A matrices alone"):
+        LoraPosterior(ens, method="tfb", include_heads=True)
+    with pytest.raises(ValueError, match="include_heads must be True, False or None"):
+        LoraPosterior(ens, method="swag", include_heads="no")
     with pytest.raises(RuntimeError, match=r"call post.collect\(\) at least once") as e:
         LoraPosterior(ens, method="swag").sample(2)
     one_line(e)

@@ -8,6 +8,7 @@ import io
 import json
 
 import pytest
+import torch
 from cli_project import make_project
 
 from lora_ensemble import LoraPosterior
@@ -104,6 +105,25 @@ def _base_and_folder(run):
     return load_run(str(run), with_data=False).module.method, run / "posterior"
 
 
+def test_a_swag_run_without_heads_keeps_the_trained_heads_in_every_draw(project):
+    from safetensors.torch import load_file
+
+    code, _ = fit(project, "swag_adapters", "training.posterior={method: swag, rank: 2, include_heads: false}")
+    assert code == 0
+    folder = project / "swag_adapters" / "posterior"
+    assert json.loads((folder / "posterior_config.json").read_text())["include_heads"] is False
+    names = {k.split("/", 1)[1] for k in load_file(str(folder / "posterior.safetensors"))}
+    assert names and all(n.endswith(("lora_A", "lora_B")) for n in names)
+    trained, folder = _base_and_folder(project / "swag_adapters")
+    post = LoraPosterior.from_pretrained(trained, folder)
+    heads = {n: p for n, p in trained.member_parameters().items() if n not in names}
+    assert heads
+    for name, p in post.sample(3).member_parameters().items():
+        if name in heads:
+            assert torch.equal(p, heads[name].repeat_interleave(3, dim=0)), name
+    assert main(["evaluate", "--checkpoint", str(project / "swag_adapters"), "--samples", "2"]) == 0
+
+
 def test_a_tfb_run_calibrates_on_the_validation_set(project, capsys):
     code, _ = fit(project, "tfb", "training.posterior={method: tfb, max_nll_increase: 0.01}")
     assert code == 0
@@ -118,6 +138,9 @@ def test_a_tfb_run_calibrates_on_the_validation_set(project, capsys):
     ("training.posterior={method: laplace}", "training.posterior.method: expected 'swag' or 'tfb', got 'laplace'"),
     ("training.posterior={method: swag, rank: 0}", "training.posterior.rank must be an integer >= 1, got 0"),
     ("training.posterior={every: 3}", "training.posterior: unknown key(s) ['every']"),
+    ("training.posterior={method: tfb, include_heads: true}",
+     "training.posterior.include_heads is SWAG's: method 'tfb' perturbs the A matrices alone"),
+    ("training.posterior={include_heads: 1}", "training.posterior.include_heads must be true, false or null, got 1"),
 ])
 def test_a_wrong_posterior_setting_is_one_error_line(project, capsys, override, message):
     code, _ = fit(project, "wrong", override)
@@ -141,15 +164,16 @@ def test_a_posterior_needs_a_lora_ensemble_and_samples_need_a_posterior(project,
 def test_the_settings_are_filled_in_and_survive_the_saved_config(project, tmp_path):
     config = load_run_config(project / "run.yaml", ["training.posterior={method: tfb}"])
     assert config.training.posterior == {"method": "tfb", "rank": 5, "start_epoch": 0, "collect_every_n_steps": 0,
-                                         "max_nll_increase": 0.003, "swa_lr": None}
+                                         "max_nll_increase": 0.003, "swa_lr": None, "include_heads": None}
 
 
-def test_a_resumed_run_continues_the_same_collection(project, tmp_path):
+@pytest.mark.parametrize("settings", ["{method: swag, rank: 2}", "{method: swag, rank: 2, include_heads: false}"])
+def test_a_resumed_run_continues_the_same_collection(project, tmp_path, settings):
     from safetensors.torch import load_file
 
     from lora_ensemble.app.runner import fit as run_fit
 
-    config = load_run_config(project / "run.yaml", ["training.epochs=3", "training.posterior={method: swag, rank: 2}",
+    config = load_run_config(project / "run.yaml", ["training.epochs=3", f"training.posterior={settings}",
                                                     "training.progress_bar=false"])
     with contextlib.redirect_stdout(io.StringIO()):
         run_fit(config, str(tmp_path / "whole"))

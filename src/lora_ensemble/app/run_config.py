@@ -82,7 +82,8 @@ class TrainingConfig:
     checkpoint_every_n_steps: int = 100  # checkpoints/last.ckpt also every n optimizer steps (0: only at epoch ends)
     progress_bar: bool = True
     posterior: dict[str, Any] | None = None  # {method: swag|tfb, rank, start_epoch, collect_every_n_steps,
-    #                                    max_nll_increase, swa_lr}: posterior members saved in <run>/posterior (issue 15)
+    #                                    max_nll_increase, swa_lr, include_heads}: posterior members saved in
+    #                                    <run>/posterior (issue 15)
 
     @property
     def epoch_budget(self) -> int:
@@ -219,7 +220,7 @@ def _check_kind(cfg: RunConfig) -> None:
 
 
 POSTERIOR_DEFAULTS = {"method": "swag", "rank": 5, "start_epoch": 0, "collect_every_n_steps": 0, "max_nll_increase": 0.003,
-                      "swa_lr": None}
+                      "swa_lr": None, "include_heads": None}
 
 
 def _yaml_float(value: Any) -> Any:
@@ -252,6 +253,10 @@ def posterior_settings(value: dict[str, Any], method: str) -> dict[str, Any]:
     if swa_lr is not None and out["method"] != "swag":
         raise ConfigError("training.posterior.swa_lr is the constant learning rate of SWAG's collection phase; "
                           f"method {out['method']!r} collects nothing")
+    if out["include_heads"] is not None and not isinstance(out["include_heads"], bool):
+        raise ConfigError(f"training.posterior.include_heads must be true, false or null, got {out['include_heads']!r}")
+    if out["include_heads"] and out["method"] != "swag":
+        raise ConfigError("training.posterior.include_heads is SWAG's: method 'tfb' perturbs the A matrices alone")
     if method not in ("lora_ensemble", "single_lora"):
         raise ConfigError(f"training.posterior is over the members of a LoRA-Ensemble (methods lora_ensemble, "
                           f"single_lora); method {method!r} has none")

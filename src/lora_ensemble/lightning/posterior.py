@@ -12,6 +12,7 @@ epochs (steps that only accumulate gradients never collect). The moments travel 
 freezing as a decaying schedule ends (the moments of a decayed schedule describe almost no spread). Step t
 (optimizer steps done, 0-based) gets lr_base * schedule(t) for t < start_epoch * steps_per_epoch, then swa_lr:
 the run's LambdaLR multipliers are wrapped at train start, the same way on a resumed run.
+`include_heads` (swag only): False puts the Gaussian on the adapters alone (see LoraPosterior).
 method="tfb": nothing during training; at the end, `calibrate()` on the trainer's first validation loader
 (the anchor set; never the test split) with `max_nll_increase`.
 At the end of training (`on_train_end`), when the trainer has a `BestValidation` callback (early stopping),
@@ -41,7 +42,7 @@ class PosteriorCallback(L.Callback):
 
     def __init__(self, method: str = "swag", rank: int = 5, start_epoch: int = 0, collect_every_n_steps: int = 0,
                  path: str | None = None, max_nll_increase: float = 0.003, swa_lr: float | None = None,
-                 partial: bool = False) -> None:
+                 include_heads: bool | None = None, partial: bool = False) -> None:
         if method not in POSTERIOR_METHODS:
             raise ValueError(f"unknown posterior method {method!r}; methods: {list(POSTERIOR_METHODS)}")
         if swa_lr is not None and (method != "swag" or isinstance(swa_lr, bool)
@@ -52,7 +53,9 @@ class PosteriorCallback(L.Callback):
         for name, value in (("start_epoch", start_epoch), ("collect_every_n_steps", collect_every_n_steps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        self.method, self.rank, self.path = method, rank, path
+        if method == "tfb" and include_heads:  # LoraPosterior says so too, but only at setup
+            raise ValueError("include_heads=True is for SWAG: TFB perturbs the A matrices alone")
+        self.method, self.rank, self.path, self.include_heads = method, rank, path, include_heads
         self.start_epoch, self.every = start_epoch, collect_every_n_steps
         self.max_nll_increase, self.partial = max_nll_increase, partial
         self.posterior: LoraPosterior | None = None
@@ -66,7 +69,7 @@ class PosteriorCallback(L.Callback):
         if not isinstance(ensemble, LoraEnsemble):
             raise TypeError(f"a posterior is over the members of a LoraEnsemble (methods lora_ensemble, single_lora); "
                             f"this module trains a {type(ensemble).__name__}")
-        self.posterior = LoraPosterior(ensemble, self.method, self.rank)
+        self.posterior = LoraPosterior(ensemble, self.method, self.rank, self.include_heads)
 
     def _collecting(self, trainer: L.Trainer) -> bool:
         return self.method == "swag" and trainer.current_epoch >= self.start_epoch
@@ -90,7 +93,7 @@ class PosteriorCallback(L.Callback):
         if self.swa_lr is not None:
             self._hold_swa_lr(trainer)
         if self._pending is not None:  # a resumed run: the moments collected before the stop
-            params = self.posterior.ensemble.member_parameters()
+            params = self.posterior.swag_tensors()
             device = next(iter(params.values())).device
             self.posterior.swag.load_state(self._pending["tensors"], self._pending["counters"],
                                            {n: p.shape for n, p in params.items()}, device, "the checkpoint")

@@ -12,6 +12,11 @@ Sampled member j = m * K + k (m the trained member, k the draw) gets draw k of m
 members (`member_logits(..., member_chunk_size=...)`) is drawn without the others. `scale` multiplies the
 standard deviation (0 gives the means: SWAG's running mean, TFB's trained tensors).
 
+`include_heads=False` (SWAG) puts the Gaussian on the adapters alone: `collect()` records the A and B matrices, and
+every draw keeps the member's head as the ensemble holds it (after training: the trained head). On BBC News the
+SWA mean of the heads, not of the adapters, is where SWAG's NLL goes (docs/posterior.md): heads trained from a
+random start move most during the collection, and their average is a weaker head than the last one.
+
 The sampled ensemble is built by `core.twin.ensemble_like` on a twin of the wrapped model that holds the same
 frozen tensors (see there): one copy of the frozen weights, and `ens` is left untouched.
 
@@ -38,7 +43,14 @@ from lora_ensemble.core.twin import ensemble_like
 from lora_ensemble.io import atomic_write_bytes, check_fingerprint, read_weights, resolve_checkpoint
 from lora_ensemble.posterior.evaluation import chunked_member_logits, member_nll, split_batch
 from lora_ensemble.posterior.swag import SwagMoments
-from lora_ensemble.posterior.tfb import TfbCalibration, calibration_noise, is_lora_A, rms_per_member, search_sigma
+from lora_ensemble.posterior.tfb import (
+    TfbCalibration,
+    calibration_noise,
+    is_adapter,
+    is_lora_A,
+    rms_per_member,
+    search_sigma,
+)
 
 POSTERIOR_METHODS = ("swag", "tfb")
 POSTERIOR_CONFIG = "posterior_config.json"
@@ -59,26 +71,35 @@ def draw_generator(seed: int, m: int, k: int) -> torch.Generator:
 class LoraPosterior:
     """Per trained member m of `ensemble`, a Gaussian over m's trainable tensors (adapters and head).
 
-    method="swag": `collect()` adds a snapshot (running moments + the last `rank` deviations);
-    method="tfb": `calibrate(batches)` finds an isotropic sigma_m on m's A matrices. `sample(K)` then gives
-    a LoraEnsemble of M * K members on the same frozen backbone.
+    method="swag": `collect()` adds a snapshot (running moments + the last `rank` deviations) of m's adapters and,
+    with `include_heads` (the default for SWAG), m's head; method="tfb": `calibrate(batches)` finds an isotropic
+    sigma_m on m's A matrices (the heads are never perturbed: `include_heads` must not be True). `sample(K)` then
+    gives a LoraEnsemble of M * K members on the same frozen backbone.
     """
 
-    def __init__(self, ensemble: LoraEnsemble, method: str = "swag", rank: int = 5):
+    def __init__(self, ensemble: LoraEnsemble, method: str = "swag", rank: int = 5,
+                 include_heads: bool | None = None):
         if not isinstance(ensemble, LoraEnsemble):
             raise TypeError(f"LoraPosterior needs a LoraEnsemble, got {type(ensemble).__name__}")
         if method not in POSTERIOR_METHODS:
             raise ValueError(f"unknown posterior method {method!r}; methods: {list(POSTERIOR_METHODS)}")
         if not _is_int(rank) or rank < 1:
             raise ValueError(f"rank (the number of SWAG deviations kept) must be an integer >= 1, got {rank!r}")
+        if include_heads is not None and not isinstance(include_heads, bool):
+            raise ValueError(f"include_heads must be True, False or None (the method's default), got {include_heads!r}")
+        if method == "tfb" and include_heads:
+            raise ValueError("include_heads=True is for SWAG: TFB perturbs the A matrices alone, every head keeps "
+                             "its trained values")
         self.ensemble, self.method, self.rank = ensemble, method, rank
+        self.include_heads = method == "swag" if include_heads is None else include_heads
         self.swag = SwagMoments(rank)
         self.calibration: TfbCalibration | None = None
 
     def __repr__(self) -> str:
         state = (f"collected={self.swag.num_collected}" if self.method == "swag"
                  else f"calibrated={self.calibration is not None}")
-        return (f"LoraPosterior(method={self.method!r}, rank={self.rank}, num_members={self.num_members}, {state})")
+        return (f"LoraPosterior(method={self.method!r}, rank={self.rank}, num_members={self.num_members}, "
+                f"include_heads={self.include_heads}, {state})")
 
     @property
     def num_members(self) -> int:
@@ -88,13 +109,20 @@ class LoraPosterior:
     def num_collected(self) -> int:
         return self.swag.num_collected
 
+    def swag_tensors(self) -> dict[str, Tensor]:
+        """The member tensors SWAG's Gaussian covers, {name: (M, ...)}: every one of `member_parameters()`, or the
+        adapters' alone (`include_heads=False`)."""
+        params = self.ensemble.member_parameters()
+        return params if self.include_heads else {n: p for n, p in params.items() if is_adapter(n)}
+
     # ---- building the posterior -----------------------------------------------------------------------
     def collect(self) -> None:
-        """SWAG: add the ensemble's current member tensors as one snapshot (see `swag.SwagMoments.collect`)."""
+        """SWAG: add the ensemble's current member tensors (`swag_tensors()`) as one snapshot (see
+        `swag.SwagMoments.collect`)."""
         if self.method != "swag":
             raise ValueError(f"collect() builds SWAG moments; this posterior is method={self.method!r} "
                              "(use calibrate(batches))")
-        self.swag.collect(self.ensemble.member_parameters())
+        self.swag.collect(self.swag_tensors())
 
     def _with_A(self, sigma: Tensor, noise: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str, Tensor]:
         """The member tensors with A_m + sigma_m * E_m (sigma (M,), E as `calibration_noise`)."""
@@ -178,8 +206,8 @@ class LoraPosterior:
             if not 0 <= m < self.num_members:
                 raise IndexError(f"sampled member {j} does not exist: there are {self.num_members * num_samples}")
             g = draw_generator(seed, m, k)
-            if self.method == "swag":
-                one = self.swag.draw(m, g, float(scale))
+            if self.method == "swag":  # tensors outside the Gaussian (the heads, include_heads=False): as held
+                one = {**{n: p[m].detach() for n, p in params.items()}, **self.swag.draw(m, g, float(scale))}
             else:
                 sigma = float(self.calibration.sigma[m])
                 one = {}
@@ -233,6 +261,7 @@ class LoraPosterior:
         tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
         atomic_write_bytes(os.path.join(path, POSTERIOR_WEIGHTS), safetensors_save(tensors, {"format": "pt"}))
         meta = {"format_version": FORMAT_VERSION, "method": self.method, "rank": self.rank,
+                "include_heads": self.include_heads,
                 "num_members": self.num_members, "swag": counters,
                 "tfb": None if self.calibration is None else self.calibration.to_dict(),
                 "base_model": self.ensemble.base_fingerprint}
@@ -262,9 +291,9 @@ class LoraPosterior:
             ensemble = model
         else:
             ensemble = LoraEnsemble.from_pretrained(model, path)  # checks the fingerprint
-        post = cls(ensemble, method, rank)
+        post = cls(ensemble, method, rank, meta.get("include_heads"))  # files before it: the method's default
         tensors = read_weights(os.path.join(path, POSTERIOR_WEIGHTS))
-        params = ensemble.member_parameters()
+        params = post.swag_tensors()
         device = next(iter(params.values())).device
         swag = {n: t for n, t in tensors.items() if not n.startswith("tfb/")}
         post.swag.load_state(swag, meta["swag"], {n: p.shape for n, p in params.items()}, device, os.fspath(path))

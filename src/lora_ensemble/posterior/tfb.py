@@ -31,6 +31,11 @@ def is_lora_A(name: str) -> bool:
     return name.rsplit(".", 1)[-1] == "lora_A"
 
 
+def is_adapter(name: str) -> bool:
+    """The adapters' tensors (`...lora_A`, `...lora_B`), as opposed to the per-member heads'."""
+    return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+
+
 def calibration_noise(params: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
     """E: a standard normal float64 draw (CPU) of the shape of every A tensor (M, ...), in sorted name order."""
     g = torch.Generator().manual_seed(seed)
