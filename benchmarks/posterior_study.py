@@ -69,14 +69,20 @@ SWAG = "training.posterior={method: swag, rank: 5, start_epoch: 1, collect_every
 # learning rate is held at half the peak instead of following the cosine decay, so the snapshots scatter around a
 # stationary point (SWAG's assumption) instead of trailing a still-improving trajectory
 SWA = "training.posterior={method: swag, rank: 5, start_epoch: 1, collect_every_n_steps: 3, swa_lr: 2.5e-3}"
+# SWAG on the adapters alone (include_heads: false): the same snapshots of A and B, every draw keeps the trained heads
+# (the SWA mean of the heads is where SWAG's NLL goes: benchmarks/swa_mean_gap.py)
+SWAG_ADAPTERS = "training.posterior={method: swag, rank: 5, start_epoch: 1, collect_every_n_steps: 3, include_heads: false}"
 RUN_SETS = {
     "ens4": ["method.num_members=4", SWAG],
     "ens16": ["method.num_members=16"],
     "single": ["method.name=single_lora", SWAG],
     "ens4_swa": ["method.num_members=4", SWA],
     "single_swa": ["method.name=single_lora", SWA],
+    "ens4_adapters": ["method.num_members=4", SWAG_ADAPTERS],
 }
-TRAINED = {"ens4": 4, "ens16": 16, "single": 1, "ens4_swa": 4, "single_swa": 1}
+TRAINED = {"ens4": 4, "ens16": 16, "single": 1, "ens4_swa": 4, "single_swa": 1, "ens4_adapters": 4}
+# SWAG on the adapters alone, 4 trained members x K draws: measured after the rest, K = 16 first
+ADAPTER_CELLS = [(f"swag_adapters-{k}", "ens4_adapters", k, "swag", 1.0, 0.003) for k in (16, 4, 1)]
 SAMPLES = (1, 4, 16)
 TFB_EPS = 0.003
 EVAL_SAMPLED = ["data.eval_batch_size=16"]  # 64 members x 16 rows per forward pass
@@ -91,7 +97,8 @@ def cells(seed: int = 0) -> list[tuple[str, str, int | None, str | None, float, 
     out += [(f"{name}-4", run, 4, kind, 1.0, TFB_EPS) for name, run, kind in GOAL[:3]]
     out += [("single_swag-16", "single", 16, "swag", 1.0, TFB_EPS)]
     out += [(f"{name}-1", run, 1, kind, 1.0, TFB_EPS) for name, run, kind in GOAL[:3]]
-    return out + [("swa-1-scale0", "ens4_swa", 1, "swag", 0.0, TFB_EPS)]  # the SWA means alone: where SWAG's NLL goes
+    out += [("swa-1-scale0", "ens4_swa", 1, "swag", 0.0, TFB_EPS)]  # the SWA means alone: where SWAG's NLL goes
+    return out + ADAPTER_CELLS
 
 
 def issue_cells() -> list[tuple[str, str, int | None, str | None, float, float]]:
@@ -99,7 +106,8 @@ def issue_cells() -> list[tuple[str, str, int | None, str | None, float, float]]
     out = [("lora_ensemble-4", "ens4", None, None, 1.0, TFB_EPS), ("lora_ensemble-16", "ens16", None, None, 1.0, TFB_EPS)]
     out += [(f"{name}-16", "ens4", 16, name, 1.0, TFB_EPS) for name in ("tfb", "swag")]
     out += [("swag-1-scale0", "ens4", 1, "swag", 0.0, TFB_EPS), ("single_swag-16", "single", 16, "swag", 1.0, TFB_EPS)]
-    return out + [(f"{name}-{k}", "ens4", k, name, 1.0, TFB_EPS) for k in (4, 1) for name in ("tfb", "swag")]
+    out += [(f"{name}-{k}", "ens4", k, name, 1.0, TFB_EPS) for k in (4, 1) for name in ("tfb", "swag")]
+    return out + ADAPTER_CELLS
 
 
 def goal_cells() -> list[tuple[str, str, int | None, str | None, float, float]]:
@@ -258,7 +266,7 @@ def goal_table(study: Study) -> str:
     keys = [("nll", "NLL"), ("ood/auroc_entropy", "OOD AUROC (entropy)"), ("ood/auroc_mi", "OOD AUROC (MI)")]
     lines = ["| row - 16 trained members | seeds | " + " | ".join(f"Δ {label}" for _, label in keys)
              + " | training time / 16 members' |", "|---|---|" + "---|" * (len(keys) + 1)]
-    goal = ["lora_ensemble-4", *(f"{name}-16" for name, _, _ in GOAL), "single_swag-16"]
+    goal = ["lora_ensemble-4", *(f"{name}-16" for name, _, _ in GOAL), "swag_adapters-16", "single_swag-16"]
     for cell in [c for c in goal if c in rows]:
         got = [r for r in rows.get(cell, []) if r["seed"] in ref]
         if not got:
@@ -283,6 +291,7 @@ def figure(study: Study) -> Path:
     kinds = {"lora_ensemble (trained)": ["lora_ensemble-4", "lora_ensemble-16"],
              "lora_ensemble + swag": [f"swag-{k}" for k in SAMPLES],
              "lora_ensemble + swag (swa_lr)": [f"swa-{k}" for k in SAMPLES],
+             "lora_ensemble + swag (adapters only)": [f"swag_adapters-{k}" for k in SAMPLES],
              "lora_ensemble + tfb": [f"tfb-{k}" for k in SAMPLES], "single_lora + swag": ["single_swag-16"],
              "single_lora + swag (swa_lr)": ["single_swa-16"]}
     names = [n for group in kinds.values() for n in group if n in rows]
