@@ -116,6 +116,16 @@ def factor_gap(snaps: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     return {"factor_gap_median": statistics.median(gap), "end_to_mean_median": statistics.median(end)}
 
 
+def head_norms(snaps: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """The heads' weight rows (`...weight` outside the adapters, (M, C, d)): mean row norm at the first snapshot,
+    the last, and of the snapshots' average."""
+    names = [n for n in snaps[0] if "lora_" not in n and n.endswith("weight")]
+    norm = lambda t: t.flatten(2).norm(dim=-1).mean().item()
+    return {"head_norm_first": statistics.mean(norm(snaps[0][n]) for n in names),
+            "head_norm_last": statistics.mean(norm(snaps[-1][n]) for n in names),
+            "head_norm_mean": statistics.mean(norm(average(snaps)[n]) for n in names)}
+
+
 def variants(final: dict[str, torch.Tensor], snaps: list[dict[str, torch.Tensor]]) -> dict[str, dict]:
     mean_ab = average(snaps)
     head = lambda name: "lora_" not in name  # the per-member heads: every non-adapter tensor
@@ -153,7 +163,8 @@ def measure_run(seed: int, run: str) -> dict[str, Any]:
     # the recovered last snapshot is the trained state (the last collection is at the last step)
     recovered = max((snaps[-1][k] - final[k]).abs().max().item() for k in final)
     row: dict[str, Any] = {"seed": seed, "run": run, "num_snapshots": len(snaps),
-                           "last_snapshot_max_abs_diff": recovered, **factor_gap(snaps), "cells": {}}
+                           "last_snapshot_max_abs_diff": recovered, **factor_gap(snaps), **head_norms(snaps),
+                           "cells": {}}
     r = trained.ensemble_config.r
     for cell, tensors in variants(final, snaps).items():
         rank = tensors[adapter_pairs(tensors)[0][0]].shape[1]
@@ -172,6 +183,21 @@ def measure_run(seed: int, run: str) -> dict[str, Any]:
     row.update(overrides=overrides, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU")
     return row
+
+
+def add_head_norms() -> None:
+    """Add head_norms to the measured rows that lack them, from their run folders (no evaluation)."""
+    from lora_ensemble.app.posterior import load_posterior
+    from lora_ensemble.app.runner import load_run
+    from lora_ensemble.io import atomic_write_bytes
+
+    for path in sorted(OUT.glob("*.json")):
+        row = json.loads(path.read_text())
+        if "head_norm_last" not in row:
+            folder = str(RUNS / f"seed{row['seed']}" / row["run"])
+            loaded = load_run(folder, with_data=False)
+            row.update(head_norms(snapshots(load_posterior(loaded, folder).swag)))
+            atomic_write_bytes(path, json.dumps(row, indent=2).encode())
 
 
 def measure(seeds: list[int]) -> None:
@@ -205,13 +231,16 @@ def table() -> str:
                          f"{'' if cell == 'final' else signed(delta)} | {format_interval(col('ece'))} "
                          f"| {format_interval(col('ood/auroc_entropy'))} | {format_interval(col('ood/auroc_mi'))} |")
     lines += ["", ("| run | seeds | factor gap \\|mean(BA) - mean(B) mean(A)\\| / \\|mean(BA)\\| | end point "
-                   "\\|B_n A_n - mean(BA)\\| / \\|mean(BA)\\| | final NLL here / in the study |"), "|---|---|---|---|---|"]
+                   "\\|B_n A_n - mean(BA)\\| / \\|mean(BA)\\| | head row norm: first / last snapshot / average "
+                   "| final NLL here / in the study |"), "|---|---|---|---|---|---|"]
     for run in RUN_SETS:
         got = [r for r in rows if r["run"] == run]
         same = ", ".join(f"{r['cells']['final']['nll']:.7f} / {r.get('study_final_nll', float('nan')):.7f}" for r in got)
         lines.append(f"| {run} | {','.join(str(r['seed']) for r in got)} | "
                      f"{format_interval([r['factor_gap_median'] for r in got])} | "
-                     f"{format_interval([r['end_to_mean_median'] for r in got])} | {same} |")
+                     f"{format_interval([r['end_to_mean_median'] for r in got])} | "
+                     f"{' / '.join(format_interval([r[k] for r in got], 2) for k in ('head_norm_first', 'head_norm_last', 'head_norm_mean'))} "
+                     f"| {same} |")
     return "\n".join(lines)
 
 
@@ -219,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--table", action="store_true", help="print the table of the measured runs")
+    p.add_argument("--head-norms", action="store_true", help="add the heads' norms to rows measured without them")
     args = p.parse_args(argv)
-    if not args.table:
+    if args.head_norms:
+        add_head_norms()
+    elif not args.table:
         measure(args.seeds)
     print(table())
     return 0
