@@ -256,18 +256,22 @@ def table(study: Study) -> str:
     return "\n".join(lines)
 
 
-def goal_table(study: Study) -> str:
-    """The goal, per seed: (row - 16 trained members) for NLL and OOD AUROC, and the row's training time over the
-    16 members' (its run's train_time_s / ens16's), as mean ± 95 % t-interval over the seeds that have both."""
+def goal_table(study: Study, reference: str = "lora_ensemble-16") -> str:
+    """Per seed, (row - reference) for NLL and OOD AUROC, and the row's training time over the reference's (its
+    run's train_time_s / the reference run's), as mean ± 95 % t-interval over the seeds that have both. The
+    reference lora_ensemble-16 is the goal; lora_ensemble-4 (the members the draws come from) shows what the
+    draws add."""
     from lora_ensemble.app.stats import seed_interval
 
     rows = measured(study.cells)
-    ref = {r["seed"]: r for r in rows.get("lora_ensemble-16", [])}
+    ref = {r["seed"]: r for r in rows.get(reference, [])}
+    label = {"lora_ensemble-16": "16 trained members", "lora_ensemble-4": "the 4 trained members"}[reference]
     keys = [("nll", "NLL"), ("ood/auroc_entropy", "OOD AUROC (entropy)"), ("ood/auroc_mi", "OOD AUROC (MI)")]
-    lines = ["| row - 16 trained members | seeds | " + " | ".join(f"Δ {label}" for _, label in keys)
-             + " | training time / 16 members' |", "|---|---|" + "---|" * (len(keys) + 1)]
-    goal = ["lora_ensemble-4", *(f"{name}-16" for name, _, _ in GOAL), "swag_adapters-16", "single_swag-16"]
-    for cell in [c for c in goal if c in rows]:
+    lines = [f"| row - {label} | seeds | " + " | ".join(f"Δ {name}" for _, name in keys)
+             + " | training time / reference's |", "|---|---|" + "---|" * (len(keys) + 1)]
+    goal = ["lora_ensemble-4", "lora_ensemble-16", *(f"{name}-16" for name, _, _ in GOAL), "swag_adapters-16",
+            "single_swag-16"]
+    for cell in [c for c in goal if c in rows and c != reference]:
         got = [r for r in rows.get(cell, []) if r["seed"] in ref]
         if not got:
             continue
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     study = STUDIES[args.study]
     if args.table:
-        print(table(study) + "\n\n" + goal_table(study))
+        print(table(study) + "\n\n" + goal_table(study) + "\n\n" + goal_table(study, "lora_ensemble-4"))
         return 0
     if args.figure:
         print(figure(study))
