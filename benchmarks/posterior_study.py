@@ -111,8 +111,9 @@ def issue_cells() -> list[tuple[str, str, int | None, str | None, float, float]]
 
 
 def goal_cells() -> list[tuple[str, str, int | None, str | None, float, float]]:
-    """The goal's cells and SWAG's means alone: what the gain-10 setting (where 16 members beat 4) is run for."""
-    return issue_cells()[:5]
+    """The goal's cells, SWAG's means alone and adapters-only SWAG at K = 16: what the gain-10 setting (where 16
+    members beat 4) is run for."""
+    return issue_cells()[:5] + ADAPTER_CELLS[:1]
 
 
 # (cell name, run, posterior) of the rows the goal compares with 16 trained members, at K = 16 first
