@@ -15,7 +15,9 @@ standard deviation (0 gives the means: SWAG's running mean, TFB's trained tensor
 `include_heads=False` (SWAG) puts the Gaussian on the adapters alone: `collect()` records the A and B matrices, and
 every draw keeps the member's head as the ensemble holds it (after training: the trained head). On BBC News the
 SWA mean of the heads, not of the adapters, is where SWAG's NLL goes (docs/posterior.md): heads trained from a
-random start move most during the collection, and their average is a weaker head than the last one.
+random start grow during the collection, and their average is a shorter, less confident head than the last one.
+On tweet sentiment the heads' mean costs nothing and adapters-only draws are slightly worse: an option, not the
+default.
 
 The sampled ensemble is built by `core.twin.ensemble_like` on a twin of the wrapped model that holds the same
 frozen tensors (see there): one copy of the frozen weights, and `ens` is left untouched.
