@@ -262,7 +262,7 @@ def goal_table(study: Study, reference: str = "lora_ensemble-16") -> str:
     run's train_time_s / the reference run's), as mean ± 95 % t-interval over the seeds that have both. The
     reference lora_ensemble-16 is the goal; lora_ensemble-4 (the members the draws come from) shows what the
     draws add."""
-    from lora_ensemble.app.stats import seed_interval
+    from lora_ensemble.app.stats import format_interval
 
     rows = measured(study.cells)
     ref = {r["seed"]: r for r in rows.get(reference, [])}
@@ -276,12 +276,8 @@ def goal_table(study: Study, reference: str = "lora_ensemble-16") -> str:
         got = [r for r in rows.get(cell, []) if r["seed"] in ref]
         if not got:
             continue
-        cells = []
-        for key, _ in keys:
-            mean, half = seed_interval([r[key] - ref[r["seed"]][key] for r in got])
-            cells.append(f"{mean:+.4f}" if half is None else f"{mean:+.4f} ± {half:.4f}")
-        mean, half = seed_interval([r["train_time_s"] / ref[r["seed"]]["train_time_s"] for r in got])
-        cells.append(f"{mean:.2f}" if half is None else f"{mean:.2f} ± {half:.2f}")
+        cells = [format_interval([r[key] - ref[r["seed"]][key] for r in got], signed=True) for key, _ in keys]
+        cells.append(format_interval([r["train_time_s"] / ref[r["seed"]]["train_time_s"] for r in got], 2))
         lines.append(f"| {cell} | {','.join(str(r['seed']) for r in got)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from lora_ensemble.posterior.tfb import is_adapter, is_lora_A
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import posterior_study as study  # SIZE, CONFIG, the SWAG settings of the study's runs
 
@@ -87,7 +89,7 @@ def average(snaps: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def adapter_pairs(params: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
     """(A name, B name) of every adapted projection: lora_A (M, r, in) with lora_B (M, out, r)."""
-    pairs = [(n, n[:-1] + "B") for n in params if n.endswith("lora_A")]
+    pairs = [(n, n[:-1] + "B") for n in params if is_lora_A(n)]
     for a, b in pairs:
         if params[a].dim() != 3 or params[b].dim() != 3:
             raise ValueError(f"{a}: only unfused adapters (A (M, r, in), B (M, out, r)) are handled here")
@@ -119,7 +121,7 @@ def factor_gap(snaps: list[dict[str, torch.Tensor]]) -> dict[str, float]:
 def head_norms(snaps: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """The heads' weight rows (`...weight` outside the adapters, (M, C, d)): mean row norm at the first snapshot,
     the last, and of the snapshots' average."""
-    names = [n for n in snaps[0] if "lora_" not in n and n.endswith("weight")]
+    names = [n for n in snaps[0] if not is_adapter(n) and n.endswith("weight")]
     norm = lambda t: t.flatten(2).norm(dim=-1).mean().item()
     return {"head_norm_first": statistics.mean(norm(snaps[0][n]) for n in names),
             "head_norm_last": statistics.mean(norm(snaps[-1][n]) for n in names),
@@ -128,15 +130,14 @@ def head_norms(snaps: list[dict[str, torch.Tensor]]) -> dict[str, float]:
 
 def variants(final: dict[str, torch.Tensor], snaps: list[dict[str, torch.Tensor]]) -> dict[str, dict]:
     mean_ab = average(snaps)
-    head = lambda name: "lora_" not in name  # the per-member heads: every non-adapter tensor
     return {
         "final": final,
         "mean_AB": mean_ab,
         "mean_dW": mean_dw_tensors(snaps),
         "mean_AB_last5": average(snaps[-5:]),
         "mean_dW_last5": mean_dw_tensors(snaps[-5:]),
-        "final+mean_head": {k: mean_ab[k] if head(k) else v for k, v in final.items()},
-        "mean_AB+final_head": {k: v if head(k) else mean_ab[k] for k, v in final.items()},
+        "final+mean_head": {k: v if is_adapter(k) else mean_ab[k] for k, v in final.items()},
+        "mean_AB+final_head": {k: mean_ab[k] if is_adapter(k) else v for k, v in final.items()},
     }
 
 
@@ -212,11 +213,7 @@ def measure(seeds: list[int]) -> None:
 
 
 def table() -> str:
-    from lora_ensemble.app.stats import format_interval, seed_interval
-
-    def signed(values: list[float]) -> str:
-        mean, half = seed_interval(values)
-        return f"{mean:+.4f}" if half is None else f"{mean:+.4f} ± {half:.4f}"
+    from lora_ensemble.app.stats import format_interval
 
     rows = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
     lines = ["| run | cell | rank | seeds | acc | NLL | Δ NLL to final | ECE | OOD AUROC (entropy) | OOD AUROC (MI) |",
@@ -228,7 +225,7 @@ def table() -> str:
             delta = [r["cells"][cell]["nll"] - r["cells"]["final"]["nll"] for r in got]
             lines.append(f"| {run} | {cell} | {got[0]['cells'][cell]['rank']} | {','.join(str(r['seed']) for r in got)} "
                          f"| {format_interval(col('acc'))} | {format_interval(col('nll'))} | "
-                         f"{'' if cell == 'final' else signed(delta)} | {format_interval(col('ece'))} "
+                         f"{'' if cell == 'final' else format_interval(delta, signed=True)} | {format_interval(col('ece'))} "
                          f"| {format_interval(col('ood/auroc_entropy'))} | {format_interval(col('ood/auroc_mi'))} |")
     lines += ["", ("| run | seeds | factor gap \\|mean(BA) - mean(B) mean(A)\\| / \\|mean(BA)\\| | end point "
                    "\\|B_n A_n - mean(BA)\\| / \\|mean(BA)\\| | head row norm: first / last snapshot / average "

@@ -82,3 +82,5 @@ def test_format_interval_writes_the_mean_and_the_t_half_width():
     assert format_interval([1.0, 2.0, 3.0], 3) == "2.000 ± 2.484"  # t_{0.975, 2} * 1 / sqrt(3)
     assert format_interval([1.5]) == "1.5000"
     assert format_interval([]) == "-"
+    assert format_interval([0.01, 0.02, 0.03], signed=True) == "+0.0200 ± 0.0248"
+    assert format_interval([-0.5], 2, signed=True) == "-0.50"

@@ -55,12 +55,14 @@ def seed_interval(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, t_quantile_975(n - 1) * s / math.sqrt(n)
 
 
-def format_interval(values: Sequence[float], digits: int = 4) -> str:
-    """`seed_interval` as text: "mean ± half-width" ("mean" alone for one value, "-" for none)."""
+def format_interval(values: Sequence[float], digits: int = 4, signed: bool = False) -> str:
+    """`seed_interval` as text: "mean ± half-width" ("mean" alone for one value, "-" for none); `signed` writes
+    the mean's sign always (differences: "+0.0120 ± 0.0300")."""
     if not values:
         return "-"
     mean, half = seed_interval(values)
-    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text if half is None else f"{text} ± {half:.{digits}f}"
 
 
 def _per_sample(probs: Tensor, labels: Tensor) -> dict[str, Tensor]:
