@@ -35,6 +35,7 @@ import torch
 from lora_ensemble.core.ensemble import LoraEnsemble
 from lora_ensemble.lightning.callbacks import BestValidation
 from lora_ensemble.posterior import POSTERIOR_METHODS, LoraPosterior
+from lora_ensemble.posterior.posterior import resolve_include_heads
 
 
 class PosteriorCallback(L.Callback):
@@ -53,9 +54,8 @@ class PosteriorCallback(L.Callback):
         for name, value in (("start_epoch", start_epoch), ("collect_every_n_steps", collect_every_n_steps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if method == "tfb" and include_heads:  # LoraPosterior says so too, but only at setup
-            raise ValueError("include_heads=True is for SWAG: TFB perturbs the A matrices alone")
-        self.method, self.rank, self.path, self.include_heads = method, rank, path, include_heads
+        self.include_heads = resolve_include_heads(method, include_heads)  # at construction, not first at setup
+        self.method, self.rank, self.path = method, rank, path
         self.start_epoch, self.every = start_epoch, collect_every_n_steps
         self.max_nll_increase, self.partial = max_nll_increase, partial
         self.posterior: LoraPosterior | None = None

@@ -64,6 +64,16 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def resolve_include_heads(method: str, include_heads: bool | None) -> bool:
+    """Whether the Gaussian covers the heads: None is the method's default (SWAG yes, TFB no); TFB never does."""
+    if include_heads is not None and not isinstance(include_heads, bool):
+        raise ValueError(f"include_heads must be True, False or None (the method's default), got {include_heads!r}")
+    if method == "tfb" and include_heads:
+        raise ValueError("include_heads=True is for SWAG: TFB perturbs the A matrices alone, every head keeps "
+                         "its trained values")
+    return method == "swag" if include_heads is None else include_heads
+
+
 def draw_generator(seed: int, m: int, k: int) -> torch.Generator:
     """The CPU generator of draw k of trained member m under `seed` (a hash of the three)."""
     digest = hashlib.sha256(f"lora-posterior/{seed}/{m}/{k}".encode()).digest()
@@ -87,13 +97,8 @@ class LoraPosterior:
             raise ValueError(f"unknown posterior method {method!r}; methods: {list(POSTERIOR_METHODS)}")
         if not _is_int(rank) or rank < 1:
             raise ValueError(f"rank (the number of SWAG deviations kept) must be an integer >= 1, got {rank!r}")
-        if include_heads is not None and not isinstance(include_heads, bool):
-            raise ValueError(f"include_heads must be True, False or None (the method's default), got {include_heads!r}")
-        if method == "tfb" and include_heads:
-            raise ValueError("include_heads=True is for SWAG: TFB perturbs the A matrices alone, every head keeps "
-                             "its trained values")
         self.ensemble, self.method, self.rank = ensemble, method, rank
-        self.include_heads = method == "swag" if include_heads is None else include_heads
+        self.include_heads = resolve_include_heads(method, include_heads)
         self.swag = SwagMoments(rank)
         self.calibration: TfbCalibration | None = None
 
