@@ -182,10 +182,12 @@ def test_an_ensemble_of_another_rank_on_the_same_backbone_holds_the_mean_of_two_
               for n, p in params.items()}
     wide.load_member_state(padded)
     batch = make_batch(4, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(call(wide, batch), call(ens, batch), atol=1e-6)
-        for m in range(3):
-            assert torch.allclose(call(wide.member(m), batch), call(ens, batch)[m], atol=1e-5)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            assert torch.allclose(call(wide, batch), call(ens, batch), atol=1e-6)
+            for m in range(3):
+                assert torch.allclose(call(wide.member(m), batch), call(wide, batch)[m], atol=1e-5)
+                assert torch.allclose(call(wide.member(m), batch), call(ens, batch)[m], atol=1e-5)
 
     other = {n: p + 0.1 * torch.randn_like(p) for n, p in params.items()}
     wide.load_member_state({n: torch.cat([p, other[n]], dim=1) if n.endswith("lora_A") else
